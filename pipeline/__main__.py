@@ -1,0 +1,42 @@
+"""Command line: ``python -m pipeline <command> ...`` (also the ``unetpp-pipeline`` script).
+
+Each command lives in the module that owns the work and takes its own argv, so
+``python -m pipeline <command> --help`` shows that command's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function taking argv and returning an exit code)
+COMMANDS = {
+    "demo": ("pipeline.quickstart", "main", "the main job: demo data, train, evaluate, infer"),
+    "demo-data": ("pipeline.demo", "demo_data_main", "write the embedded demo data sets and datalists"),
+    "datalist": ("pipeline.data", "datalist_main", "build or validate an MSD-style datalist"),
+    "segment": ("pipeline.segment", "main", "batch-segment a folder or datalist of volumes"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m pipeline <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[name]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
