@@ -1,0 +1,116 @@
+"""Building blocks shared by UNet++, U-Net and Wide U-Net, so comparisons between them are fair."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.layers.factories import Pool
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by norm, dropout and activation (the paper's node).
+
+    ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout: float):
+        super().__init__()
+        for index, channels_in in enumerate((in_channels, out_channels)):
+            self.add_module(
+                f"conv{index}",
+                Convolution(spatial_dims, channels_in, out_channels, kernel_size=3, act=act, norm=norm, dropout=dropout),
+            )
+
+
+class EncoderNode(nn.Module):
+    """X(i,0): pool the node above (unless i == 0, which reads the input), then a ConvBlock.
+
+    Nodes read their inputs from a shared list of computed states (index 0 is the input image), which
+    keeps the whole graph a flat, TorchScript-friendly loop.
+    """
+
+    def __init__(self, spatial_dims: int, source: int, block: ConvBlock, pool: bool):
+        super().__init__()
+        self.source = source
+        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2) if pool else nn.Identity()
+        self.block = block
+
+    def forward(self, states: List[torch.Tensor]) -> torch.Tensor:
+        return self.block(self.pool(states[self.source]))
+
+
+class NestedNode(nn.Module):
+    """X(i,j), j >= 1: ConvBlock(cat[X(i,0..j-1) (the dense skips), Up(X(i+1,j-1))]).
+
+    ``skips`` are state indices of same-resolution nodes; ``below`` is the index of the coarser node.
+    """
+
+    def __init__(self, skips: List[int], below: int, up: nn.Module, block: ConvBlock):
+        super().__init__()
+        self.skips = skips
+        self.below = below
+        self.up = up
+        self.block = block
+
+    def forward(self, states: List[torch.Tensor]) -> torch.Tensor:
+        inputs = [states[index] for index in self.skips]
+        inputs.append(self.up(states[self.below]))
+        return self.block(torch.cat(inputs, dim=1))
+
+
+def make_upsample(spatial_dims: int, in_channels: int, out_channels: int, upsample: str) -> nn.Module:
+    """x2 upsampling from a coarser level: ``(B, in, *S) -> (B, out, *2S)``.
+
+    ``deconv`` is the paper's transposed convolution; ``nontrainable`` (interpolation + 1x1 conv) and
+    ``pixelshuffle`` are MONAI's alternatives.
+    """
+    if upsample not in ("deconv", "nontrainable", "pixelshuffle"):
+        raise ValueError(f"upsample must be 'deconv', 'nontrainable' or 'pixelshuffle', got {upsample!r}")
+    return UpSample(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        scale_factor=2,
+        mode=upsample,
+        interp_mode="linear" if spatial_dims == 1 else ("bilinear" if spatial_dims == 2 else "trilinear"),
+    )
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, List[int]]:
+    """Zero-pad every spatial axis of ``x`` (B, C, *S) symmetrically up to a multiple of ``multiple``.
+
+    Returns the padded tensor and the F.pad argument (last axis first) so ``crop_padding`` can undo it.
+    """
+    pads: List[int] = []
+    for size in x.shape[2:][::-1]:
+        extra = (multiple - size % multiple) % multiple
+        pads += [extra // 2, extra - extra // 2]
+    if sum(pads) == 0:
+        return x, pads
+    return F.pad(x, pads), pads
+
+
+def crop_padding(x: torch.Tensor, pads: List[int]) -> torch.Tensor:
+    """Undo ``pad_to_multiple`` on ``x`` (B, C, *S_padded) -> (B, C, *S)."""
+    if sum(pads) == 0:
+        return x
+    spatial_dims = len(pads) // 2
+    for axis in range(spatial_dims):
+        before, after = pads[2 * axis], pads[2 * axis + 1]
+        dim = x.dim() - 1 - axis
+        x = x.narrow(dim, before, x.shape[dim] - before - after)
+    return x
+
+
+def check_spatial_size(shape: List[int], depth: int) -> None:
+    """Raise a clear error when a spatial size is below the minimum for ``depth`` downsamplings."""
+    minimum = int(2**depth)
+    if min(shape) < minimum:
+        raise ValueError(
+            f"input spatial size {shape} is too small for depth {depth}: every spatial size must be at "
+            f"least {minimum} (2**depth); use a larger patch or a smaller depth"
+        )
