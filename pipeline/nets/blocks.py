@@ -107,10 +107,17 @@ def crop_padding(x: torch.Tensor, pads: List[int]) -> torch.Tensor:
 
 
 def check_spatial_size(shape: List[int], depth: int) -> None:
-    """Raise a clear error when a spatial size is below the minimum for ``depth`` downsamplings."""
+    """Raise a clear error when a spatial size is too small for ``depth`` downsamplings.
+
+    Every axis needs at least 2**depth voxels, and the deepest level more than one voxel in all
+    (instance and batch norm cannot normalise a single value).
+    """
     minimum = int(2**depth)
-    if min(shape) < minimum:
+    bottom = 1
+    for size in shape:
+        bottom *= (size + minimum - 1) // minimum
+    if min(shape) < minimum or bottom < 2:
         raise ValueError(
             f"input spatial size {shape} is too small for depth {depth}: every spatial size must be at "
-            f"least {minimum} (2**depth); use a larger patch or a smaller depth"
+            f"least {minimum} (2**depth) and at least one larger than that; use a larger patch or a smaller depth"
         )
