@@ -1,0 +1,571 @@
+"""MSD-style datalists: load, validate before training, build from a folder, split into folds.
+
+A datalist is the JSON of the Medical Segmentation Decathlon's ``dataset.json``::
+
+    {"name": "...", "tensorImageSize": "3D", "modality": {"0": "CT"},
+     "labels": {"0": "background", "1": "tumour"},
+     "training":   [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
+     "validation": [...],
+     "test":       ["imagesTs/c.nii.gz", {"image": "imagesTs/d/"}]}
+
+Paths are relative to a ``dataset_dir``; an ``image`` may be a file (``.nii``,
+``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd``, ``.dcm``), a folder holding one DICOM
+series, or a list of files (channels). Command line::
+
+    python -m pipeline datalist validate DATALIST --dataset_dir D [--allow-outside]
+    python -m pipeline datalist build DIR [--output F] [--folds K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.readers import DataError, dicom_series_files, is_nifti, read_volume
+
+__all__ = [
+    "DataError",
+    "SECTIONS",
+    "load_datalist",
+    "validate_datalist",
+    "check_datalist",
+    "declared_labels",
+    "build_datalist",
+    "select_fold",
+    "intensity_fingerprint",
+    "datalist_main",
+]
+
+SECTIONS = ("training", "validation", "test")
+PATH_KEYS = ("image", "label")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".nha", ".dcm")
+LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")  # paired names: case.nii.gz + case_seg.nii.gz
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(datalist_path: str | os.PathLike) -> dict:
+    path = Path(datalist_path)
+    if not path.is_file():
+        raise DataError(f"{path}: datalist not found")
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: expected a JSON object with 'training'/'validation'/'test' lists")
+    return content
+
+
+def _resolve(value: str, root: str, allow_outside: bool, where: str) -> str:
+    """Absolute, normalised path of ``value`` under ``root``; refuse an escape unless allowed.
+
+    ``normpath`` (not ``realpath``): a symlink inside ``dataset_dir`` is the user's choice.
+    """
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: expected a path string, got {value!r}")
+    path = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+    if not allow_outside and os.path.commonpath([root, path]) != root:
+        raise DataError(
+            f"{where}: path {value!r} resolves to {path}, outside dataset_dir {root} "
+            "(pass allow_outside=True / --allow-outside to accept it)"
+        )
+    return path
+
+
+def _entries(
+    content: dict, dataset_dir: str, section: str, allow_outside: bool, name: str, problems: list | None = None
+) -> list[dict]:
+    """Entries of one section with absolute paths; path problems raise, or go to ``problems``."""
+    items = content.get(section)
+    if items is None:
+        raise DataError(f"{name}: no {section!r} section (sections: {', '.join(k for k in content if k in SECTIONS)})")
+    if not isinstance(items, list):
+        raise DataError(f"{name}: {section!r} must be a list")
+    root = os.path.normpath(os.path.abspath(os.path.expanduser(str(dataset_dir))))
+    entries = []
+    for index, item in enumerate(items):
+        where = f"{name} {section}[{index}]"
+        try:
+            item = {"image": item} if isinstance(item, str) else item  # MSD test entries are bare paths
+            if not isinstance(item, dict) or "image" not in item:
+                raise DataError(f"{where}: an entry needs an 'image' (got {item!r})")
+            entry = dict(item)
+            for key in PATH_KEYS:
+                if key in entry:
+                    value = entry[key]
+                    if isinstance(value, list):
+                        entry[key] = [_resolve(v, root, allow_outside, where) for v in value]
+                    else:
+                        entry[key] = _resolve(value, root, allow_outside, where)
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+            continue
+        entries.append(entry)
+    return entries
+
+
+def load_datalist(
+    datalist_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    section: str = "training",
+    allow_outside: bool = False,
+) -> list[dict]:
+    """Entries of one section, with absolute paths.
+
+    Args:
+        datalist_path: the JSON file.
+        dataset_dir: folder the paths are relative to (``None``: the datalist's folder).
+        section: ``"training"``, ``"validation"``, ``"test"`` (or any list in the file).
+        allow_outside: accept paths that leave ``dataset_dir`` (``../``, absolute elsewhere).
+
+    Returns:
+        ``[{"image": "/abs/...", "label": "/abs/...", ...}, ...]`` (bare test paths become
+        ``{"image": ...}``; other keys such as ``"fold"`` are kept).
+
+    Raises:
+        DataError: missing/invalid file, missing section, bad entry, path outside ``dataset_dir``.
+    """
+    dataset_dir = Path(datalist_path).parent if dataset_dir is None else dataset_dir
+    return _entries(_read_json(datalist_path), str(dataset_dir), section, allow_outside, str(datalist_path))
+
+
+def declared_labels(content: dict) -> set[int] | None:
+    """Class values from the datalist's ``labels`` mapping, or ``None`` when absent.
+
+    Accepts MSD's ``{"0": "background", "1": "liver"}`` and nnU-Net v2's
+    ``{"background": 0, "liver": 1}``.
+    """
+    labels = content.get("labels")
+    if labels is None:
+        return None
+    if isinstance(labels, dict) and labels and all(re.fullmatch(r"\d+", str(k)) for k in labels):
+        return {int(k) for k in labels}
+    if isinstance(labels, dict) and labels and all(isinstance(v, int) for v in labels.values()):
+        return set(labels.values())
+    raise DataError(f"'labels' must map class values to names, e.g. {{\"0\": \"background\"}}, got {labels!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple, np.ndarray, np.ndarray, np.ndarray]:
+    """(shape, spacing, direction, origin) after reorienting to the closest RAS axes.
+
+    Two files on the same physical grid but stored in different axis orders agree here,
+    and they do after the pipeline's ``Orientationd`` too.
+    """
+    import nibabel.orientations as orient
+
+    shape3 = tuple(shape) + (1,) * (3 - len(shape))
+    ornt = orient.io_orientation(affine)
+    affine = affine @ orient.inv_ornt_aff(ornt, shape3)
+    shape3 = tuple(int(shape3[int(axis)]) for axis in ornt[:, 0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return shape3, spacing, affine[:3, :3] / spacing, affine[:3, 3]
+
+
+def _split_channels(shape: tuple) -> tuple[tuple, int]:
+    """Spatial shape and channel count of an array read by :func:`read_volume`."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1) is a plain 3D volume
+        shape = shape[:-1]
+    return shape[:3], int(np.prod(shape[3:], dtype=int))
+
+
+class _Summary:
+    """What validation needs from one file, without keeping its voxels."""
+
+    def __init__(self, path: str, array: np.ndarray, affine: np.ndarray, want_values: bool):
+        self.path = path
+        self.spatial, self.channels = _split_channels(array.shape)
+        self.affine = affine
+        self.nonfinite = int(array.size - np.count_nonzero(np.isfinite(array))) if array.dtype.kind == "f" else 0
+        self.values = None
+        if want_values:
+            finite = array[np.isfinite(array)] if self.nonfinite else array
+            self.values = np.unique(finite)
+
+
+def _grid_problems(image: _Summary, label: _Summary, tolerance: float) -> list[str]:
+    """Differences between two grids, relative tolerance on spacing, origin in voxels."""
+    shape_a, spacing_a, dir_a, origin_a = _canonical_grid(image.spatial, image.affine)
+    shape_b, spacing_b, dir_b, origin_b = _canonical_grid(label.spatial, label.affine)
+    problems = []
+    if shape_a != shape_b:
+        problems.append(f"shape {label.spatial} vs image {image.spatial}")
+    if np.abs(spacing_a - spacing_b).max() > tolerance * spacing_a.max():
+        problems.append(f"spacing {np.round(spacing_b, 5).tolist()} vs image {np.round(spacing_a, 5).tolist()}")
+    if np.abs(dir_a - dir_b).max() > tolerance:
+        problems.append("direction (orientation) differs from the image")
+    if np.linalg.norm(origin_a - origin_b) > tolerance * spacing_a.min() * 10:
+        problems.append(f"origin {np.round(origin_b, 4).tolist()} vs image {np.round(origin_a, 4).tolist()} (mm)")
+    return problems
+
+
+_DIMS = {"2D": (2, 1), "3D": (3, 1), "4D": (3, None)}  # tensorImageSize -> (spatial dims, channels; None = any)
+
+
+def validate_datalist(
+    datalist_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    sections: Iterable[str] | None = None,
+    allow_outside: bool = False,
+    tolerance: float = 1e-3,
+) -> list[str]:
+    """Every problem of a datalist at once; an empty list means it is clean.
+
+    Checked per entry: paths stay in ``dataset_dir``; files exist and are readable (not
+    truncated, not a text file named ``.nii``); no NaN/inf; dimensionality matches
+    ``tensorImageSize``; label values are integers within ``labels``; image and label share
+    a grid (shape, spacing, direction, origin; ``tolerance`` relative to the spacing, origin
+    within ``10 * tolerance`` of a voxel). Each problem starts with the file it is about.
+    Each file is read once, whole (``validate`` reads the dataset once before training).
+
+    Args:
+        sections: sections to check (default: those of ``training``/``validation``/``test`` present).
+    """
+    name = str(datalist_path)
+    try:
+        content = _read_json(datalist_path)
+        labels = declared_labels(content)
+    except DataError as err:
+        return [str(err) if str(err).startswith(name) else f"{name}: {err}"]
+    dataset_dir = Path(datalist_path).parent if dataset_dir is None else dataset_dir
+    if not Path(dataset_dir).is_dir():
+        return [f"{dataset_dir}: dataset_dir not found"]
+    sections = [s for s in SECTIONS if s in content] if sections is None else list(sections)
+    if not sections:
+        return [f"{name}: no 'training', 'validation' or 'test' section"]
+    dims = content.get("tensorImageSize")
+    if dims is not None and dims not in _DIMS:
+        return [f"{name}: tensorImageSize must be one of {sorted(_DIMS)}, got {dims!r}"]
+
+    problems: list[str] = []
+    cache: dict[str, _Summary | None] = {}
+
+    def summary(path: str, is_label: bool) -> _Summary | None:
+        if path not in cache:
+            try:
+                array, affine = read_volume(path)
+                cache[path] = _Summary(path, array, affine, want_values=is_label)
+            except DataError as err:
+                problems.append(str(err))
+                cache[path] = None
+        return cache[path]
+
+    for section in sections:
+        try:
+            entries = _entries(content, str(dataset_dir), section, allow_outside, name, problems)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        for entry in entries:
+            channels = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+            images = [summary(path, False) for path in channels]
+            label = summary(entry["label"], True) if "label" in entry else None
+            for image in images:
+                if image is not None:
+                    problems += _image_problems(image, dims, multi_file=len(channels) > 1)
+            first = images[0]
+            for image in images[1:]:
+                if first is not None and image is not None:
+                    problems += [f"{image.path}: channel grid differs from {first.path}: {p}" for p in _grid_problems(first, image, tolerance)]
+            if label is not None:
+                problems += _label_problems(label, labels)
+                if first is not None:
+                    problems += [f"{label.path}: label grid differs from image {first.path}: {p}" for p in _grid_problems(first, label, tolerance)]
+    # a file shared by several entries reports once
+    return list(dict.fromkeys(problems))
+
+
+def _image_problems(image: _Summary, dims: str | None, multi_file: bool) -> list[str]:
+    problems = []
+    if image.nonfinite:
+        problems.append(f"{image.path}: {image.nonfinite} NaN/inf voxels")
+    if dims is not None:
+        spatial, channels = _DIMS[dims]
+        rank = len(image.spatial) - (1 if spatial == 2 and len(image.spatial) == 3 and image.spatial[2] == 1 else 0)
+        if rank != spatial or (channels is not None and image.channels != channels and not multi_file):
+            shape = image.spatial + ((image.channels,) if image.channels > 1 else ())
+            problems.append(f"{image.path}: shape {shape} is not {dims} as the datalist's tensorImageSize says")
+    return problems
+
+
+def _label_problems(label: _Summary, labels: set[int] | None) -> list[str]:
+    problems = []
+    if label.nonfinite:
+        problems.append(f"{label.path}: {label.nonfinite} NaN/inf voxels in the label")
+    if label.channels > 1:
+        problems.append(f"{label.path}: label has {label.channels} channels; expected one map of class values")
+    values = label.values
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        problems.append(f"{label.path}: label has non-integer values {fractional[:5].tolist()} (resampled with interpolation?)")
+    if labels is not None:
+        outside = sorted(set(np.round(values).astype(int).tolist()) - labels)
+        if outside:
+            problems.append(f"{label.path}: label values {outside[:10]} are not in the declared classes {sorted(labels)}")
+    return problems
+
+
+def check_datalist(
+    datalist_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    sections: Iterable[str] | None = None,
+    allow_outside: bool = False,
+    tolerance: float = 1e-3,
+) -> str:
+    """Validate and raise :class:`DataError` listing every problem; returns ``datalist_path``.
+
+    Meant for bundle configs, before training starts, e.g.
+    ``"datalist": "$pipeline.data.check_datalist(@datalist_path, @dataset_dir)"``.
+    """
+    problems = validate_datalist(datalist_path, dataset_dir, sections, allow_outside, tolerance)
+    if problems:
+        raise DataError(f"{datalist_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return str(datalist_path)
+
+
+# --------------------------------------------------------------------------------------------
+# building from a folder
+# --------------------------------------------------------------------------------------------
+
+
+def _strip_suffix(name: str) -> str | None:
+    """Case name of an image file (``None`` if the suffix is not an image format)."""
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _is_series_folder(path: Path) -> bool:
+    """A folder counts as one DICOM series when it holds files (validation reads it properly)."""
+    return path.is_dir() and any(child.is_file() and not child.name.startswith(".") for child in path.iterdir())
+
+
+def _cases(folder: Path) -> dict[str, list[Path]]:
+    """Case name -> image paths (one per channel) in ``folder``; ``_0000`` suffixes are channels."""
+    cases: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        stem = path.name if _is_series_folder(path) else (_strip_suffix(path.name) if path.is_file() else None)
+        if stem is None:
+            continue
+        match = re.fullmatch(r"(.+)_(\d{4})", stem)
+        case, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
+        cases.setdefault(case, []).append((channel, path))
+    return {case: [p for _, p in sorted(items)] for case, items in cases.items()}
+
+
+def _pair(images: dict[str, list[Path]], label_folder: Path | None) -> tuple[list, list]:
+    """(labelled, unlabelled) entries of (case, images, label)."""
+    labels = {}
+    if label_folder is not None and label_folder.is_dir():
+        labels = {case: paths[0] for case, paths in _cases(label_folder).items()}
+    labelled, unlabelled = [], []
+    for case, paths in sorted(images.items()):
+        (labelled if case in labels else unlabelled).append((case, paths, labels.get(case)))
+    return labelled, unlabelled
+
+
+def _flat_pairs(folder: Path) -> tuple[list, list]:
+    """Paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (or _label, _mask, _gt)."""
+    cases = _cases(folder)
+    label_of = {}
+    for case in list(cases):
+        for suffix in LABEL_SUFFIXES:
+            if case.endswith(suffix) and case[: -len(suffix)] in cases:
+                label_of[case[: -len(suffix)]] = cases.pop(case)[0]
+                break
+    labelled = [(c, p, label_of[c]) for c, p in sorted(cases.items()) if c in label_of]
+    unlabelled = [(c, p, None) for c, p in sorted(cases.items()) if c not in label_of]
+    return labelled, unlabelled
+
+
+def _entry(root: Path, paths: list[Path], label: Path | None) -> dict:
+    rel = [p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in paths]
+    entry = {"image": rel[0] if len(rel) == 1 else rel}
+    if label is not None:
+        entry["label"] = label.relative_to(root).as_posix()
+    return entry
+
+
+def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_fold: int = 0, seed: int = 0) -> dict:
+    """Build an MSD-style datalist from a folder (paths relative to ``directory``).
+
+    Layouts, tried in order:
+
+    * nnU-Net / MSD: ``imagesTr/`` + ``labelsTr/`` (training), ``imagesTs/`` (+ ``labelsTs/``)
+      (test); ``case_0000.nii.gz``, ``case_0001.nii.gz`` are channels of ``case``;
+    * ``images/`` + ``labels/`` (or ``masks/``) with the same case names;
+    * paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (``_label``, ``_mask``, ``_gt``).
+
+    A sub-folder of files in an images folder is a DICOM series (the case is the folder's
+    name). ``labels``, ``modality``, ``tensorImageSize`` and ``name`` come from a
+    ``dataset.json`` in ``directory`` when there is one; otherwise the classes are the
+    values found in the labels (rename them in the file).
+
+    Args:
+        folds: when given, each training entry gets ``"fold"`` (0..folds-1, shuffled with
+            ``seed``) and the entries of ``val_fold`` form the ``validation`` section
+            (:func:`select_fold` re-splits without rebuilding).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    if (root / "imagesTr").is_dir():
+        labelled, unlabelled_tr = _pair(_cases(root / "imagesTr"), root / "labelsTr")
+        test_l, test_u = _pair(_cases(root / "imagesTs"), root / "labelsTs") if (root / "imagesTs").is_dir() else ([], [])
+        test = test_l + test_u + unlabelled_tr
+    elif (root / "images").is_dir():
+        label_folder = next((root / n for n in ("labels", "masks", "segmentations") if (root / n).is_dir()), None)
+        labelled, test = _pair(_cases(root / "images"), label_folder)
+    else:
+        labelled, test = _flat_pairs(root)
+    if not labelled and not test:
+        raise DataError(
+            f"{root}: no images found (expected imagesTr/ + labelsTr/, images/ + labels/, or case.nii.gz + case_seg.nii.gz)"
+        )
+
+    content: dict = {"name": root.resolve().name, "description": "built by `python -m pipeline datalist build`"}
+    dataset_json = root / "dataset.json"
+    if dataset_json.is_file():
+        meta = _read_json(dataset_json)
+        content.update({k: meta[k] for k in ("name", "description", "tensorImageSize", "modality", "channel_names", "labels") if k in meta})
+    if "labels" not in content and labelled:
+        values: set[int] = set()
+        for _, _, label in labelled:
+            array, _ = read_volume(label)
+            values |= set(np.unique(array).astype(int).tolist())
+        content["labels"] = {str(v): ("background" if v == 0 else f"class_{v}") for v in sorted(values)}
+    training = [_entry(root, paths, label) for _, paths, label in labelled]
+    if folds is not None:
+        if folds < 2 or folds > len(training):
+            raise DataError(f"{root}: --folds must be between 2 and the number of labelled cases ({len(training)}), got {folds}")
+        order = np.random.RandomState(seed).permutation(len(training))
+        for rank, index in enumerate(order):
+            training[index]["fold"] = int(rank % folds)
+    content["training"] = training
+    content["test"] = [_entry(root, paths, label) for _, paths, label in test]
+    if folds is not None:
+        content = select_fold(content, val_fold)
+    content["numTraining"], content["numTest"] = len(content["training"]), len(content["test"])
+    return content
+
+
+def select_fold(content: dict, fold: int) -> dict:
+    """Re-split a datalist whose entries carry ``"fold"``: fold ``fold`` becomes ``validation``."""
+    entries = content.get("training", []) + content.get("validation", [])
+    if not entries or any("fold" not in e for e in entries):
+        raise DataError("select_fold needs every training/validation entry to carry a 'fold'")
+    folds = sorted({e["fold"] for e in entries})
+    if fold not in folds:
+        raise DataError(f"fold {fold} not in the datalist's folds {folds}")
+    out = dict(content)
+    out["training"] = [e for e in entries if e["fold"] != fold]
+    out["validation"] = [e for e in entries if e["fold"] == fold]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# dataset intensity statistics (CT "dataset percentiles")
+# --------------------------------------------------------------------------------------------
+
+
+def intensity_fingerprint(
+    datalist_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    section: str = "training",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    samples_per_case: int = 100_000,
+    seed: int = 0,
+) -> dict:
+    """nnU-Net-style CT statistics over the foreground (label > 0) voxels of a section.
+
+    Returns ``{"a_min", "a_max", "mean", "std"}``: pass it as ``intensity`` to the CT
+    preset (add ``"output": "zscore"`` for nnU-Net's clip + z-score).
+    """
+    rng = np.random.RandomState(seed)
+    values = []
+    for entry in load_datalist(datalist_path, dataset_dir, section):
+        image, _ = read_volume(entry["image"] if isinstance(entry["image"], str) else entry["image"][0])
+        image = image[..., 0] if image.ndim == 4 else image  # first channel of a 4D image
+        foreground = image[read_volume(entry["label"])[0] > 0] if "label" in entry else image.ravel()
+        if foreground.size > samples_per_case:
+            foreground = rng.choice(foreground, samples_per_case, replace=False)
+        values.append(foreground.astype(np.float64))
+    values = np.concatenate(values) if values else np.zeros(0)
+    if values.size == 0:
+        raise DataError(f"{datalist_path}: no foreground voxels in {section!r} to compute intensity statistics")
+    low, high = np.percentile(values, percentiles)
+    clipped = np.clip(values, low, high)
+    return {"a_min": float(low), "a_max": float(high), "mean": float(clipped.mean()), "std": float(clipped.std())}
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def datalist_main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline datalist {validate,build} ...``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline datalist", description="Build or validate an MSD-style datalist.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate", help="check every entry; exit 0 only when clean")
+    validate.add_argument("datalist")
+    validate.add_argument("--dataset_dir", "--dataset-dir", dest="dataset_dir", default=None, help="default: the datalist's folder")
+    validate.add_argument("--sections", nargs="+", default=None, help="default: all present")
+    validate.add_argument("--allow-outside", action="store_true", help="accept paths outside dataset_dir")
+    validate.add_argument("--tolerance", type=float, default=1e-3)
+    build = commands.add_parser("build", help="write a datalist for a folder of images (and labels)")
+    build.add_argument("directory")
+    build.add_argument("--output", default=None, help="JSON file to write (default: print to stdout)")
+    build.add_argument("--folds", type=int, default=None, help="assign K cross-validation folds")
+    build.add_argument("--val-fold", type=int, default=0, help="fold used as the validation section")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    args = parser.parse_args(argv)
+
+    if args.command == "validate":
+        problems = validate_datalist(args.datalist, args.dataset_dir, args.sections, args.allow_outside, args.tolerance)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(f"{args.datalist}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        print(f"{args.datalist}: OK")
+        return 0
+
+    try:
+        if args.output and Path(args.output).exists() and not args.overwrite:
+            raise DataError(f"{args.output}: exists; pass --overwrite to replace it")
+        content = build_datalist(args.directory, folds=args.folds, val_fold=args.val_fold, seed=args.seed)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    text = json.dumps(content, indent=2) + "\n"
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"{args.output}: {content['numTraining']} training, {len(content.get('validation', []))} validation, {content['numTest']} test")
+    else:
+        sys.stdout.write(text)
+    return 0
