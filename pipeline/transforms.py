@@ -235,7 +235,7 @@ def _deterministic(keys, spatial_dims, preset, pixdim, intensity) -> list:
     _check_preset(preset)
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-    chain = [LoadVolumed(keys), EnsureChannelFirstd(keys), EnsureVolumed(keys), Orientationd(keys, axcodes="RAS")]
+    chain = [LoadVolumed(keys), EnsureChannelFirstd(keys), EnsureVolumed(keys), Orientationd(keys, axcodes="RAS", labels=None)]
     target = _pixdim3(pixdim, spatial_dims)
     if target is not None:
         chain.append(Spacingd(keys, pixdim=target, mode=modes))
