@@ -37,6 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelReader
+from monai.utils import convert_to_dst_type
+from scipy import ndimage
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -47,7 +49,6 @@ from monai.transforms import (
     EnsureTyped,
     FgBgToIndicesd,
     Invertd,
-    KeepLargestConnectedComponentd,
     LoadImage,
     MapTransform,
     NormalizeIntensityd,
@@ -75,6 +76,7 @@ __all__ = [
     "LoadVolumed",
     "EnsureVolumed",
     "MatchInputDimsd",
+    "KeepLargestComponentd",
     "intensity_transforms",
     "train_transforms",
     "eval_transforms",
@@ -157,6 +159,34 @@ class MatchInputDimsd(MapTransform):
             rank = len(np.atleast_1d(np.asarray(shape)))
             while d[key].ndim - 1 > rank and d[key].shape[-1] == 1:
                 d[key] = d[key].squeeze(-1)
+        return d
+
+
+class KeepLargestComponentd(MapTransform):
+    """Per class value, keep only the largest connected component (full connectivity).
+
+    For one-channel masks of class values ``(1, *spatial)``. MONAI's
+    ``KeepLargestConnectedComponentd`` needs scikit-image; scipy is already a dependency.
+    """
+
+    def __init__(self, keys, labels: Sequence[int], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.labels = [int(v) for v in labels]
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = torch.as_tensor(d[key]).detach().cpu().numpy()
+            out = mask.copy()
+            for channel in range(mask.shape[0]):
+                for value in self.labels:
+                    selected = mask[channel] == value
+                    components, count = ndimage.label(selected, structure=np.ones((3,) * selected.ndim))
+                    if count > 1:
+                        sizes = np.bincount(components.ravel())
+                        sizes[0] = 0
+                        out[channel][selected & (components != sizes.argmax())] = 0
+            d[key] = convert_to_dst_type(out, d[key])[0]
         return d
 
 
@@ -369,7 +399,7 @@ def postprocessing(
         chain = [Activationsd(keys, softmax=True), AsDiscreted(keys, argmax=True)]
         labels = list(range(1, out_channels))
     if largest_component:
-        chain.append(KeepLargestConnectedComponentd(keys, applied_labels=labels, independent=True))
+        chain.append(KeepLargestComponentd(keys, labels))
     if invert:
         chain += [
             Invertd(keys, transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
