@@ -85,6 +85,11 @@ __all__ = [
 ]
 
 PRESETS = ("ct", "mri", "scale")
+# metadata kept after loading: what Orientationd/Spacingd/Invertd/SaveImaged read, plus DICOM identity
+META_KEEP = {
+    "affine", "original_affine", "spatial_shape", "original_channel_dim", "filename_or_obj", "space",
+    "spacing", "pixdim", "modality", "series_instance_uid", "series_description", "dicom_num_files",
+}
 FG_KEY, BG_KEY = "label_fg_indices", "label_bg_indices"
 
 
@@ -115,11 +120,15 @@ class LoadVolumed(MapTransform):
             first = str(paths[0] if isinstance(paths, (list, tuple)) else paths)
             reader = self.nibabel if is_nifti(first) else self.sitk
             try:
-                d[key] = self.loader(paths, reader)
+                image = self.loader(paths, reader)
             except DataError:
                 raise
             except Exception as err:  # nibabel/zlib errors do not name the file
                 raise DataError(f"{first}: cannot load ({type(err).__name__}: {err})") from err
+            if isinstance(image, MetaTensor):
+                # ~40 raw NIfTI header fields would be deep-copied with every cached sample
+                image.meta = {k: v for k, v in image.meta.items() if k in META_KEEP}
+            d[key] = image
         return d
 
 
@@ -311,7 +320,10 @@ def train_transforms(
     chain += [SpatialPadd(keys, spatial_size=crop), EnsureTyped(keys, dtype=torch.float32)]
     index_keys = {}
     if cache_safe:
-        chain.append(FgBgToIndicesd("label", fg_postfix="_fg_indices", bg_postfix="_bg_indices"))
+        chain += [
+            FgBgToIndicesd("label", fg_postfix="_fg_indices", bg_postfix="_bg_indices"),
+            EnsureTyped([FG_KEY, BG_KEY], data_type="numpy"),  # plain arrays: cheap to copy from a cache
+        ]
         index_keys = {"fg_indices_key": FG_KEY, "bg_indices_key": BG_KEY}
     chain.append(
         RandCropByPosNegLabeld(
