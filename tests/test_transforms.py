@@ -192,3 +192,21 @@ def test_bad_arguments():
         train_transforms(spatial_dims=2, roi_size=(96, 96, 96))
     with pytest.raises(ValueError, match="pixdim needs 3 values"):
         eval_transforms(pixdim=(1.0, 1.0))
+
+
+def test_channel_files_are_stacked(tmp_path):
+    """nnU-Net style ``case_0000``/``case_0001`` files load as one two-channel image."""
+    item = phantom(tmp_path)
+    out = eval_transforms(preset="mri", keys=("image",))({"image": [item["image"], item["image"]]})
+    assert out["image"].shape[0] == 2 and torch.equal(out["image"][0], out["image"][1])
+
+
+def test_loader_errors_name_the_file(tmp_path):
+    """MONAI's Compose wraps errors in "applying transform ..."; the cause names the file."""
+    from pipeline.data import DataError
+
+    (tmp_path / "note.nii").write_text("not an image")
+    for name, message in (("note.nii", "note.nii: cannot load"), ("nothing.nrrd", "nothing.nrrd: file not found")):
+        with pytest.raises(RuntimeError) as raised:
+            inference_transforms(preset="ct")({"image": str(tmp_path / name)})
+        assert isinstance(raised.value.__cause__, DataError) and message in str(raised.value.__cause__)
