@@ -210,3 +210,15 @@ def test_loader_errors_name_the_file(tmp_path):
         with pytest.raises(RuntimeError) as raised:
             inference_transforms(preset="ct")({"image": str(tmp_path / name)})
         assert isinstance(raised.value.__cause__, DataError) and message in str(raised.value.__cause__)
+
+
+def test_eval_volumes_feed_slice_inferer_along_the_training_axis(tmp_path):
+    """2D training slices are planes of the last (S) axis, so the 2D bundle uses SliceInferer(spatial_dim=2)."""
+    from monai.inferers import SliceInferer
+
+    item = phantom(tmp_path)
+    image = eval_transforms(preset="ct")(item)["image"][None]  # (1, 1, X, Y, Z)
+    net = torch.nn.Conv2d(1, 2, kernel_size=1)
+    out = SliceInferer(roi_size=(8, 8), sw_batch_size=4, spatial_dim=2)(image, net)
+    assert out.shape == (1, 2) + tuple(image.shape[2:])
+    assert torch.allclose(out[:, :, :, :, 3], net(image[:, :, :, :, 3]), atol=1e-5)
