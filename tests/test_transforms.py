@@ -24,7 +24,7 @@ LPS[:3, 3] = [30.0, 20.0, -15.0]
 BODY = (slice(3, 17), slice(4, 19), slice(2, 15))  # voxels inside the "patient"
 
 
-def phantom(root: Path, affine=LPS, shape=(20, 22, 17)) -> dict:
+def phantom(root: Path, affine=LPS, shape=(20, 22, 17), name: str = "ct") -> dict:
     """CT-like volume: air (-1000) around a body box (40 HU) holding an organ ball (200 HU, label 1)."""
     image = np.full(shape, -1000, np.int16)
     image[BODY] = 40
@@ -32,9 +32,9 @@ def phantom(root: Path, affine=LPS, shape=(20, 22, 17)) -> dict:
     ball = ((grid - np.array([10, 11, 8])[:, None, None, None]) ** 2).sum(0) <= 16
     image[ball] = 200
     root.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(image, affine), root / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(ball.astype(np.uint8), affine), root / "ct_seg.nii.gz")
-    return {"image": str(root / "ct.nii.gz"), "label": str(root / "ct_seg.nii.gz")}
+    nib.save(nib.Nifti1Image(image, affine), root / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(ball.astype(np.uint8), affine), root / f"{name}_label.nii.gz")
+    return {"image": str(root / f"{name}.nii.gz"), "label": str(root / f"{name}_label.nii.gz")}
 
 
 def digest(root: Path) -> dict:
@@ -222,3 +222,22 @@ def test_eval_volumes_feed_slice_inferer_along_the_training_axis(tmp_path):
     out = SliceInferer(roi_size=(8, 8), sw_batch_size=4, spatial_dim=2)(image, net)
     assert out.shape == (1, 2) + tuple(image.shape[2:])
     assert torch.allclose(out[:, :, :, :, 3], net(image[:, :, :, :, 3]), atol=1e-5)
+
+
+def test_batched_inference_round_trip(tmp_path):
+    """The evaluator's path: DataLoader -> sliding window -> decollate -> postprocessing -> saved masks."""
+    from monai.data import DataLoader, Dataset, decollate_batch
+    from monai.inferers import sliding_window_inference
+
+    items = [phantom(tmp_path, name="a"), phantom(tmp_path, np.diag([0.9, 1.1, 1.4, 1.0]), (18, 20, 15), name="b")]
+    pre = eval_transforms(preset="ct", pixdim=(1.5, 1.5, 1.5), intensity={"a_min": -100, "a_max": 300})
+    post = postprocessing(pre, out_channels=2, output_dir=str(tmp_path / "out"))
+    net = torch.nn.Conv3d(1, 2, kernel_size=1)
+    for batch in DataLoader(Dataset(items, pre), batch_size=1, num_workers=0):
+        batch["pred"] = sliding_window_inference(batch["image"], (8, 8, 8), 2, net)
+        for item in decollate_batch(batch):
+            post(item)
+    for name, item in zip("ab", items):
+        saved, reference = nib.load(tmp_path / "out" / f"{name}_seg.nii.gz"), nib.load(item["image"])
+        assert saved.shape == reference.shape
+        np.testing.assert_allclose(saved.affine, reference.affine, atol=1e-5)
