@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.readers import DataError, dicom_series_files, is_nifti, read_volume
+from pipeline.readers import DataError, read_volume
 
 __all__ = [
     "DataError",

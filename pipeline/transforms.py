@@ -31,6 +31,7 @@ Intensity presets (``preset`` and ``intensity``):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -109,7 +110,10 @@ class LoadVolumed(MapTransform):
 
     def __init__(self, keys, series_uid: str | None = None, dtype=np.float32, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImage(image_only=True, dtype=dtype)
+        with warnings.catch_warnings():
+            # LoadImage also builds MONAI's default readers; their optional GPU codec warns on CPU machines
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            self.loader = LoadImage(image_only=True, dtype=dtype)
         self.nibabel = NibabelReader()
         self.sitk = SimpleITKReader(series_uid=series_uid)
 
