@@ -1,0 +1,328 @@
+"""Batch segmentation: pipeline overhead, peak memory on a CT-sized volume, bf16 against fp32. Prints JSON.
+
+Usage::
+
+    python benchmarks/bench_segment.py                    # the real measurement, a few minutes on a 2-core CPU
+    python benchmarks/bench_segment.py --quick            # tiny sizes, a smoke run (~1 minute)
+    python benchmarks/bench_segment.py --output bench_segment.json
+
+Everything goes through ``bundles/unetpp_3d_seg/configs/inference.json`` (ConfigParser), with the
+network of the bundle's CPU demo overlay (``configs/demo.json``: widths 16-32-64-128, depth 3), the
+bundle's 96^3 sliding window with ``sw_batch_size`` 1 and overlap 0.25. The weights are
+``bundles/unetpp_3d_seg/models/model.pt`` when it exists and fits, else (``--checkpoint`` unset) a
+network trained here for a minute on synthetic blobs, so that bf16/fp32 mask agreement is
+measured on a network that segments something (a random network's logits hover around 0 and
+flip sign under any rounding).
+
+Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIfTI):
+
+* ``pipeline``: the batch's wall time inside ``python -m pipeline segment`` (first read to last
+  write: reading, preprocessing, network, inversion, writing; ``batch_wall_s``) and the whole
+  command in-process (bundle loading, discovery, summary; ``command_wall_s``) against the pure
+  network time: the bundle's inferer on the same preprocessed volumes, one after the other, in
+  the same process (mean of a run before and a run after the batch, to share background load).
+  Target: ``batch_over_network`` <= 1.15.
+* ``memory_ct``: one ``--ct-shape`` int16 CT volume (512x512x200 by default) segmented by the
+  command in a subprocess, fp32 on CPU; peak proportional set size (PSS, shared pages counted
+  once) summed over the process and its reader worker, sampled every 0.1 s, and the largest
+  single-process max RSS from ``getrusage``. Target: under 3 GB.
+* ``bf16``: the same batch with ``--precision bf16``: pure-network and batch speed ratios
+  (fp32 time / bf16 time; above 1 = bf16 faster) and the Dice agreement of each case's bf16 mask
+  with its fp32 mask. Target: Dice >= 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monai.data import create_test_image_3d  # noqa: E402
+
+from pipeline import segment  # noqa: E402
+from pipeline.losses import BCEDiceLoss, DeepSupervisionLoss  # noqa: E402
+from pipeline.nets import UNetPlusPlus  # noqa: E402
+
+BUNDLE = ROOT / "bundles" / "unetpp_3d_seg"
+FULL = {"features": [16, 32, 64, 128], "depth": 3, "roi": [96, 96, 96], "shape": [192, 192, 96], "ct_shape": [512, 512, 200], "train_steps": 150, "patch": 64}
+QUICK = {"features": [4, 8, 16], "depth": 2, "roi": [32, 32, 32], "shape": [48, 48, 40], "ct_shape": [96, 96, 40], "train_steps": 5, "patch": 32}
+
+
+def overrides(size: dict) -> list[str]:
+    return [
+        "--override", f"network_def#features={json.dumps(size['features'])}",
+        "--override", f"network_def#depth={size['depth']}",
+        "--override", f"roi_size={json.dumps(size['roi'])}",
+        "--override", "sw_batch_size=1",
+        "--override", "overlap=0.25",
+    ]
+
+
+def override_dict(size: dict) -> dict:
+    args = overrides(size)
+    return dict(segment.parse_override(args[i + 1]) for i in range(0, len(args), 2))
+
+
+def blobs(shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rad_max = max(6, min(shape) // 6)
+    image, label = create_test_image_3d(
+        *shape, num_objs=max(4, int(np.prod(shape) / 64**3 * 6)), rad_max=rad_max, rad_min=max(3, rad_max // 2),
+        noise_max=0.2, random_state=np.random.RandomState(seed),
+    )
+    return image.astype(np.float32), (label > 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+
+def train_quickly(size: dict, steps: int, path: Path) -> dict:
+    """A minute of training on synthetic blobs (paper loss with deep supervision), saved as a state_dict."""
+    torch.manual_seed(0)
+    network = UNetPlusPlus(3, 1, 1, features=size["features"], depth=size["depth"])
+    optimiser = torch.optim.Adam(network.parameters(), lr=3e-3)
+    loss_fn = DeepSupervisionLoss(BCEDiceLoss())
+    start, losses = time.perf_counter(), []
+    patch = [size["patch"]] * 3
+    for step in range(steps):
+        pairs = [blobs(patch, 10_000 + 2 * step + k) for k in range(2)]
+        image = torch.from_numpy(np.stack([(p[0] - p[0].min()) / (np.ptp(p[0]) or 1) for p in pairs]))[:, None]
+        label = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+        optimiser.zero_grad()
+        loss = loss_fn(network(image), label)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss))
+    torch.save(network.state_dict(), path)
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "final_loss": round(statistics.mean(losses[-10:]), 4)}
+
+
+def weights(size: dict, args, work: Path) -> tuple[Path, dict]:
+    if args.checkpoint:
+        return Path(args.checkpoint), {"source": args.checkpoint}
+    trained = BUNDLE / "models" / "model.pt"
+    if trained.is_file() and not args.quick:
+        try:
+            probe = UNetPlusPlus(3, 1, 1, features=size["features"], depth=size["depth"])
+            probe.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True))
+            return trained, {"source": str(trained.relative_to(ROOT))}
+        except Exception:  # noqa: BLE001 - another architecture: train our own
+            pass
+    path = work / "model.pt"
+    return path, {"source": "trained here on synthetic blobs", **train_quickly(size, size["train_steps"], path)}
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+
+
+def network_only(bundle: segment.LoadedBundle, images: list, precision: str) -> float:
+    """Seconds of the bundle's inferer on already preprocessed volumes, one after the other."""
+    total = 0.0
+    for image in images:
+        start = time.perf_counter()
+        with torch.no_grad(), segment._autocast(bundle.device, precision):
+            bundle.inferer(image.unsqueeze(0).to(bundle.device), bundle.network)
+        total += time.perf_counter() - start
+    return total
+
+
+def run_command(argv: list[str]) -> tuple[float, dict]:
+    start = time.perf_counter()
+    code = segment.main(argv)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"segment exited with {code}: {argv}")
+    return wall, json.loads((Path(argv[argv.index("--output") + 1]) / "summary.json").read_text())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def _process_tree_pss(root_pid: int) -> int:
+    """Sum of PSS (bytes) of ``root_pid`` and its descendants (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def ct_volume(shape, path: Path) -> None:
+    """An int16 CT-like volume: air, an elliptic body of soft tissue with bright and dark blobs."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1
+    volume = np.full(shape, -1000, dtype=np.int16)
+    rng = np.random.RandomState(0)
+    volume[body] = 40
+    blob, _ = create_test_image_3d(*shape, num_objs=30, rad_max=min(shape) // 8, rad_min=min(shape) // 16, random_state=rng)
+    volume += np.where(body[..., None] & (blob > 0), (blob * 200).astype(np.int16), 0).astype(np.int16)
+    volume += rng.normal(0, 15, size=shape).astype(np.int16) * body[..., None]
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
+
+
+def memory_ct(size: dict, checkpoint: Path, work: Path) -> dict:
+    folder = work / "ct"
+    folder.mkdir()
+    ct_volume(tuple(size["ct_shape"]), folder / "ct.nii.gz")
+    command = [sys.executable, "-m", "pipeline", "segment", "--bundle", str(BUNDLE), "--checkpoint", str(checkpoint),
+               *overrides(size), "--input", str(folder), "--output", str(work / "ct_out"), "--quiet", "--precision", "fp32", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while process.poll() is None:
+            peak[0] = max(peak[0], _process_tree_pss(process.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    sampler.join()
+    wall = time.perf_counter() - start
+    import resource
+
+    max_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # largest finished child (kB on Linux)
+    if process.returncode != 0:
+        raise SystemExit(f"CT memory run failed ({process.returncode}):\n{stderr[-2000:]}")
+    row = json.loads((work / "ct_out" / "summary.json").read_text())["cases"][0]
+    return {
+        "shape": size["ct_shape"],
+        "dtype": "int16 on disk, float32 in the pipeline",
+        "precision": "fp32",
+        "peak_pss_gb_process_tree": round(peak[0] / 1e9, 3),
+        "peak_rss_gb_largest_process": round(max_rss / 1e9, 3),
+        "command_wall_s": round(wall, 1),
+        "timings": row["timings"],
+        "target_gb": 3.0,
+        "meets_target": peak[0] / 1e9 < 3.0 and max_rss / 1e9 < 3.0,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--count", type=int, default=4, help="volumes in the batch (>= 4)")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="batch volume shape")
+    parser.add_argument("--ct-shape", type=int, nargs=3, default=None, help="shape of the memory volume (512 512 200)")
+    parser.add_argument("--checkpoint", default=None, help="weights fitting the demo architecture (default: bundle's or trained here)")
+    parser.add_argument("--workers", type=int, default=1, help="segment --workers")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    size = dict(QUICK if args.quick else FULL)
+    if args.shape:
+        size["shape"] = args.shape
+    if args.ct_shape:
+        size["ct_shape"] = args.ct_shape
+    report: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "load_average_start": [round(v, 2) for v in os.getloadavg()]},
+        "network": {"bundle": "unetpp_3d_seg", "features": size["features"], "depth": size["depth"], "roi_size": size["roi"],
+                    "sw_batch_size": 1, "overlap": 0.25},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_segment_") as tmp:
+        work = Path(tmp)
+        checkpoint, report["weights"] = weights(size, args, work)
+        data = work / "in"
+        data.mkdir()
+        for index in range(args.count):
+            image, _ = blobs(size["shape"], index)
+            nib.save(nib.Nifti1Image(image, np.diag([1.0, 1.0, 1.5, 1.0])), str(data / f"vol{index}.nii.gz"))
+        common = ["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), *overrides(size), "--input", str(data), "--quiet",
+                  "--device", "cpu", "--workers", str(args.workers)]
+
+        bundle = segment.load_bundle(BUNDLE, overrides=override_dict(size), checkpoint=str(checkpoint), device="cpu")
+        cases = segment.discover_cases(data)
+        images = [bundle.preprocessing({"image": case.image})["image"] for case in cases]
+        network_only(bundle, images[:1], "fp32")  # warm-up (oneDNN kernels, allocator)
+
+        results = {}
+        for precision in ("fp32", "bf16"):
+            before = network_only(bundle, images, precision)
+            command_wall, summary = run_command(common + ["--output", str(work / f"out_{precision}"), "--precision", precision])
+            after = network_only(bundle, images, precision)
+            batch = summary["batch"]
+            results[precision] = {
+                "network_only_s": round((before + after) / 2, 3),
+                "network_only_runs_s": [round(before, 3), round(after, 3)],
+                "batch_wall_s": round(batch["wall_s"], 3),
+                "command_wall_s": round(command_wall, 3),
+                "network_in_batch_s": round(batch["network_s"], 3),
+                "input_wait_s": round(batch["input_wait_s"], 3),
+            }
+            results[precision]["batch_over_network"] = round(results[precision]["batch_wall_s"] / results[precision]["network_only_s"], 3)
+            results[precision]["command_over_network"] = round(command_wall / results[precision]["network_only_s"], 3)
+        report["pipeline"] = {"volumes": args.count, "shape": size["shape"], **results["fp32"], "target_ratio": 1.15,
+                              "meets_target": results["fp32"]["batch_over_network"] <= 1.15}
+        dices = []
+        for case in cases:
+            masks = [np.asarray(nib.load(str(work / f"out_{p}" / f"{case.case_id}_seg.nii.gz")).dataobj) > 0 for p in ("fp32", "bf16")]
+            dices.append(dice(*masks))
+        report["bf16"] = {
+            **results["bf16"],
+            "network_speedup_fp32_over_bf16": round(results["fp32"]["network_only_s"] / results["bf16"]["network_only_s"], 3),
+            "batch_speedup_fp32_over_bf16": round(results["fp32"]["batch_wall_s"] / results["bf16"]["batch_wall_s"], 3),
+            "dice_bf16_vs_fp32": [round(d, 5) for d in dices],
+            "dice_min": round(min(dices), 5),
+            "foreground_fraction_fp32": round(float(np.mean([
+                (np.asarray(nib.load(str(work / "out_fp32" / f"{c.case_id}_seg.nii.gz")).dataobj) > 0).mean() for c in cases])), 4),
+            "target_dice": 0.99,
+            "meets_target": min(dices) >= 0.99,
+        }
+        del images, bundle
+        if not args.skip_memory:
+            report["memory_ct"] = memory_ct(size, checkpoint, work)
+    report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
