@@ -175,3 +175,19 @@ def test_norm_act_dropout_upsample_choices():
         assert net.eval()(x).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="upsample"):
         UNetPlusPlus(2, 1, 1, features=TINY_WIDTHS, depth=2, upsample="bicubic")
+
+
+def test_instance_norm_runs_as_identical_group_norm():
+    from pipeline.nets.blocks import ConvBlock
+
+    block = ConvBlock(3, 2, 6, act="relu", norm=("instance", {"affine": True}), dropout=0.0)
+    norm = block.conv0.adn.N
+    assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 6
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 6, 5, 7, 4)
+    expected = torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    # Running statistics have no group-norm equivalent: real instance norm is kept.
+    block = ConvBlock(3, 2, 6, act="relu", norm=("instance", {"track_running_stats": True}), dropout=0.0)
+    assert isinstance(block.conv0.adn.N, torch.nn.InstanceNorm3d)

@@ -11,6 +11,23 @@ from monai.networks.blocks import Convolution, UpSample
 from monai.networks.layers.factories import Pool
 
 
+def instance_norm_as_group_norm(norm, channels: int):
+    """Express instance norm as ``GroupNorm`` with one group per channel.
+
+    The maths are identical (each channel normalised over its own spatial extent, same affine
+    parameters and state-dict keys), but PyTorch's group-norm kernel is about twice as fast on CPU
+    as instance norm, which reshapes to a batch norm and repeats its weights on every call.
+    Instance norm with running statistics has no group-norm equivalent and is left alone.
+    """
+    name, args = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]) if len(norm) > 1 else {})
+    if not isinstance(name, str) or name.lower() != "instance" or args.get("track_running_stats", False):
+        return norm
+    unknown = set(args) - {"affine", "eps"}
+    if unknown:
+        return norm
+    return ("group", {"num_groups": channels, "affine": args.get("affine", False), "eps": args.get("eps", 1e-5)})
+
+
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions, each followed by norm, dropout and activation (the paper's node).
 
@@ -19,6 +36,7 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout: float):
         super().__init__()
+        norm = instance_norm_as_group_norm(norm, out_channels)
         for index, channels_in in enumerate((in_channels, out_channels)):
             self.add_module(
                 f"conv{index}",
