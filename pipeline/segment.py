@@ -657,12 +657,22 @@ def _output_paths(out: Path, case: Case, options: "SegmentOptions") -> dict[str,
     return paths
 
 
-def _vouched(record: dict | None, name: str, path: Path, out: Path) -> bool:
-    """True when ``path`` exists and is the file the record lists (same relative path and digest)."""
+def _vouched(record: dict | None, name: str, path: Path, out: Path, previous: bool = False) -> bool:
+    """True when ``path`` exists and is the file the record lists (same relative path and digest).
+
+    ``previous=True`` also accepts the outputs the record replaced: a run killed between writing
+    a record and renaming its files leaves the earlier run's files, still ours to replace.
+    """
     if not record or not path.is_file():
         return False
-    listed = record.get("outputs", {}).get(name)
-    return bool(listed) and listed.get("path") == path.relative_to(out).as_posix() and listed.get("sha256") == _sha256(path)
+    relative, digest = path.relative_to(out).as_posix(), None
+    for key in ("outputs", "previous_outputs") if previous else ("outputs",):
+        listed = (record.get(key) or {}).get(name)
+        if listed and listed.get("path") == relative:
+            digest = digest or _sha256(path)
+            if listed.get("sha256") == digest:
+                return True
+    return False
 
 
 def plan_case(case: Case, out: Path, options: "SegmentOptions", settings: dict) -> tuple[str, str]:
@@ -686,7 +696,7 @@ def plan_case(case: Case, out: Path, options: "SegmentOptions", settings: dict) 
             )
         return "existing", ""
     for name, path in paths.items():
-        if path.exists() and not _vouched(record, name, path, out):
+        if path.exists() and not _vouched(record, name, path, out, previous=True):
             return "failed", (
                 f"{path.relative_to(out).as_posix()} exists and no record of this command vouches for it; "
                 "pass --overwrite to replace it"
@@ -876,7 +886,7 @@ class _CaseWriter:
             # The commit: check nothing foreign appeared meanwhile, write the record, then rename.
             record = _read_json(_record_path(self.out, case.case_id))
             for name, path in finals.items():
-                if path.exists() and not self.options.overwrite and not _vouched(record, name, path, self.out):
+                if path.exists() and not self.options.overwrite and not _vouched(record, name, path, self.out, previous=True):
                     raise FileExistsError(f"{path.relative_to(self.out).as_posix()} appeared meanwhile; not replacing it")
             voxel_ml = _voxel_ml(original_affine)
             counts = np.bincount(mask.ravel(), minlength=max(self.bundle.class_names, default=1) + 1)
@@ -904,6 +914,8 @@ class _CaseWriter:
                     for name, path in finals.items()
                 },
             }
+            if record and record.get("outputs"):
+                row["previous_outputs"] = record["outputs"]
             if self.options.dicom_seg and not case.is_dicom:
                 row["notes"] = "no DICOM SEG: the input is not a DICOM series"
             _write_text_atomic(_record_path(self.out, case.case_id), json.dumps(row, indent=1) + "\n")
@@ -995,8 +1007,12 @@ def run_segmentation(
             data = item["data"]
             tick = time.perf_counter()
             try:
+                # A plain tensor: MetaTensor's per-op bookkeeping slows the network down (2x on small
+                # networks) and Invertd only needs the trace kept on data["image"].
+                batch = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).to(bundle.device)
                 with torch.no_grad(), _autocast(bundle.device, options.precision):
-                    logits = bundle.inferer(data["image"].unsqueeze(0).to(bundle.device), bundle.network)
+                    logits = bundle.inferer(batch, bundle.network)
+                del batch
                 logits = logits[0].float().cpu()
             except Exception as err:  # noqa: BLE001 - e.g. out of memory on one huge case
                 timings["infer_s"] = time.perf_counter() - tick

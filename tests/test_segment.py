@@ -275,6 +275,15 @@ def test_rerun_skips_verified_cases_and_never_overwrites_foreign_files(tmp_path,
     assert run(checkpoint, data, output, "--overwrite") == 0
     assert {r["status"] for r in summary(output).values()} == {"done"}
     assert nib.load(str(output / "case2_seg.nii.gz")).shape == (32, 32, 32)
+    # Killed between writing a record and renaming its files: the files on disk are the earlier
+    # run's (listed as the record's previous outputs), so they are ours to replace.
+    record_path = output / "records" / "case1.json"
+    record = json.loads(record_path.read_text())
+    record["previous_outputs"] = json.loads(json.dumps(record["outputs"]))
+    record["outputs"]["mask"]["sha256"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+    assert run(checkpoint, data, output) == 0
+    assert {k: r["status"] for k, r in summary(output).items()} == {"case0": "existing", "case1": "done", "case2": "existing"}
     assert run(checkpoint, data, output, "--precision", "bf16") == 1
     assert "other settings (precision)" in summary(output)["case0"]["reason"]
 
