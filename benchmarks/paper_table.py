@@ -10,6 +10,8 @@ every model (same steps, optimizer, schedule, augmentation, data order and seeds
   tissue label), split into **disjoint axial slabs**: training on z 0-27 and 56-93 (voxels along the
   RAS S axis), testing on z 32-51 (40 mm through the basal ganglia and lateral ventricles), with an
   8 mm gap on each side of the test slab. 2D trains on axial slices, 3D on 48x48x16 patches.
+  Intensities: one fixed window and z-score from the training slabs' foreground (nnU-Net's dataset-level
+  scheme via the CT preset; see ``write_mni_slabs`` for why not the per-volume MRI z-score).
 * ``synthetic_2d`` / ``synthetic_3d``: the MONAI blob demo sets (16 training, 4 test cases).
 
 Usage::
@@ -64,8 +66,9 @@ from monai.transforms import AsDiscreted, Compose  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 
+from pipeline.data import intensity_fingerprint  # noqa: E402
 from pipeline.demo import MNI_LABEL, MNI_T1, demo_datalist, write_demo_data  # noqa: E402
-from pipeline.losses import BCEDiceLoss, DeepSupervisionLoss  # noqa: E402
+from pipeline.losses import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss  # noqa: E402
 from pipeline.nets import UNet, UNetPlusPlus, WideUNet  # noqa: E402
 from pipeline.transforms import eval_transforms, train_transforms  # noqa: E402
 
@@ -100,7 +103,6 @@ class Experiment:
     name: str
     description: str
     spatial_dims: int
-    preset: str
     roi: tuple
     base_width: int
     steps: int
@@ -108,7 +110,8 @@ class Experiment:
     volumes_per_step: int
     samples_per_volume: int
     classes: dict  # foreground class index -> name (index 1 with one output channel for binary)
-    lr: float = 1e-3
+    lr: float = 3e-3
+    loss: str = "bce_dice"  # the paper's sigmoid 0.5 BCE + Dice; "ce_dice": softmax CE + Dice on class indices
     curve_every: int = 5
     max_test_cases: int = 0  # 0: the whole test section
     extra: dict = field(default_factory=dict)
@@ -134,19 +137,19 @@ MNI_CLASSES = {1: "CSF/other", 2: "grey matter", 3: "white matter"}
 EXPERIMENTS = {
     "mni_2d": Experiment(
         "mni_2d", "MNI152 T1 (real MRI), 2D axial slices, 3 tissue classes; train/test on disjoint axial slabs",
-        2, "mri", (64, 64), base_width=8, steps=240, seeds=3, volumes_per_step=2, samples_per_volume=4, classes=MNI_CLASSES,
+        2, (64, 64), base_width=8, steps=200, seeds=3, volumes_per_step=2, samples_per_volume=4, classes=MNI_CLASSES,
     ),
     "mni_3d": Experiment(
         "mni_3d", "MNI152 T1 (real MRI), 3D 48x48x16 patches, 3 tissue classes; same slabs as mni_2d",
-        3, "mri", (48, 48, 16), base_width=4, steps=160, seeds=2, volumes_per_step=2, samples_per_volume=1, classes=MNI_CLASSES,
+        3, (48, 48, 16), base_width=4, steps=120, seeds=2, volumes_per_step=2, samples_per_volume=1, classes=MNI_CLASSES,
     ),
     "synthetic_2d": Experiment(
         "synthetic_2d", "MONAI 2D blobs 128x128 (demo set), binary; 16 training / 4 test images",
-        2, "scale", (64, 64), base_width=8, steps=120, seeds=3, volumes_per_step=2, samples_per_volume=4, classes={1: "blob"},
+        2, (64, 64), base_width=8, steps=100, seeds=3, volumes_per_step=2, samples_per_volume=4, classes={1: "blob"},
     ),
     "synthetic_3d": Experiment(
         "synthetic_3d", "MONAI 3D blobs 64^3 (demo set), binary; 16 training / 4 test volumes",
-        3, "scale", (32, 32, 32), base_width=4, steps=100, seeds=2, volumes_per_step=2, samples_per_volume=1, classes={1: "blob"},
+        3, (32, 32, 32), base_width=4, steps=80, seeds=2, volumes_per_step=2, samples_per_volume=1, classes={1: "blob"},
     ),
 }
 
@@ -162,7 +165,15 @@ def quick_experiment(exp: Experiment) -> Experiment:
 
 
 def write_mni_slabs(demo_dir: Path, out_dir: Path) -> dict:
-    """Cut the demo MNI T1 and tissue label into the axial slabs of ``MNI_SLABS`` (NIfTI, own affines)."""
+    """Cut the demo MNI T1 and tissue label into the axial slabs of ``MNI_SLABS`` (NIfTI, own affines).
+
+    Also writes ``out_dir/datalist.json`` and returns the sections plus the intensity normalisation:
+    nnU-Net's dataset-level scheme (the CT preset's fixed window and z-score) with statistics of the
+    *training* slabs' foreground (``pipeline.data.intensity_fingerprint``), lower bound 0 so the empty
+    background stays apart from tissue. The MRI preset's per-volume z-score would normalise each slab
+    with its own statistics: the test slab holds more white matter, so its grey and white matter land
+    0.3-0.5 std lower than in the training slabs, an artefact of cutting one brain into slabs.
+    """
     image, label = nib.load(demo_dir / MNI_T1), nib.load(demo_dir / MNI_LABEL)
     if nib.aff2axcodes(image.affine) != ("R", "A", "S"):
         raise RuntimeError(f"expected the demo MNI volume in RAS, got {nib.aff2axcodes(image.affine)}")
@@ -179,7 +190,12 @@ def write_mni_slabs(demo_dir: Path, out_dir: Path) -> dict:
             nib.save(nib.Nifti1Image(array, affine), path)
             pair[key] = str(path)
         files[slab] = pair
-    return {"training": [files["train_inferior"], files["train_superior"]], "test": [files["test_middle"]]}
+    sections = {"training": [files["train_inferior"], files["train_superior"]], "test": [files["test_middle"]]}
+    datalist = out_dir / "datalist.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", **{str(k): v for k, v in MNI_CLASSES.items()}}, **sections}, indent=1))
+    stats = intensity_fingerprint(datalist, out_dir, section="training")
+    intensity = {"a_min": 0.0, "a_max": round(stats["a_max"], 3), "mean": round(stats["mean"], 3), "std": round(stats["std"], 3), "output": "zscore"}
+    return {**sections, "preset": "ct", "intensity": intensity}
 
 
 def prepare_data(work: Path) -> dict:
@@ -194,18 +210,31 @@ def prepare_data(work: Path) -> dict:
             section: [{k: str(demo / v) for k, v in item.items()} for item in datalist[section]]
             for section in ("training", "test")
         }
+        lists[name].update(preset="scale", intensity=None)  # min-max per image, as the demo sets are made
     return lists
 
 
-def one_hot_label(exp: Experiment) -> list:
-    return [AsDiscreted("label", to_onehot=exp.out_channels)] if exp.out_channels > 1 else []
+def one_hot_label(exp: Experiment, training: bool = False) -> list:
+    if exp.out_channels == 1 or (training and exp.loss == "ce_dice"):  # CE + Dice one-hot encodes itself
+        return []
+    return [AsDiscreted("label", to_onehot=exp.out_channels)]
 
 
-def load_test_set(exp: Experiment, items: list) -> list:
+def make_loss(exp: Experiment) -> torch.nn.Module:
+    if exp.loss == "bce_dice":
+        return BCEDiceLoss(bce_weight=0.5, dice_weight=1.0)
+    if exp.loss == "ce_dice":
+        return CEDiceLoss(ce_weight=1.0, dice_weight=1.0)
+    raise ValueError(f"unknown loss {exp.loss!r}")
+
+
+def load_test_set(exp: Experiment, data: dict) -> list:
     """Whole test volumes through the library's eval chain: [(image (1, 1, *S), one-hot label (1, C, *S))]."""
-    chain = Compose([eval_transforms(spatial_dims=exp.spatial_dims, preset=exp.preset)] + one_hot_label(exp))
+    chain = Compose(
+        [eval_transforms(spatial_dims=exp.spatial_dims, preset=data["preset"], intensity=data["intensity"])] + one_hot_label(exp)
+    )
     out = []
-    for item in items:
+    for item in data["test"][: exp.max_test_cases or None]:
         d = chain(dict(item))
         out.append((d["image"].as_tensor()[None], d["label"].as_tensor()[None]))
     return out
@@ -250,28 +279,31 @@ def paper_preset_parameters() -> dict:
 
 
 class CurveRecorder:
-    """Every ``every`` iterations: the training loss and the final head's loss (comparable across models)."""
+    """The training loss and the final head's loss (comparable across models), averaged over every ``every`` steps."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, loss: torch.nn.Module):
         self.every = every
-        self.final_head = BCEDiceLoss()
+        self.final_head = loss
         self.curve = {"step": [], "loss": [], "final_head_loss": []}
+        self._pending = []
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        step = engine.state.iteration
-        if step % self.every and step != engine.state.epoch_length:
-            return
         output = engine.state.output
         pred = output["pred"]
         final = pred[0] if isinstance(pred, (list, tuple)) else pred  # heads are deepest first
         with torch.no_grad():
             head_loss = float(self.final_head(final.detach(), output["label"]))
-        self.curve["step"].append(step)
-        self.curve["loss"].append(round(float(torch.as_tensor(output["loss"]).detach()), 5))
-        self.curve["final_head_loss"].append(round(head_loss, 5))
+        self._pending.append((float(torch.as_tensor(output["loss"]).detach()), head_loss))
+        step = engine.state.iteration
+        if step % self.every == 0 or step == engine.state.epoch_length:
+            loss, head = np.mean(self._pending, axis=0)
+            self._pending = []
+            self.curve["step"].append(step)
+            self.curve["loss"].append(round(float(loss), 5))
+            self.curve["final_head_loss"].append(round(float(head), 5))
 
 
 def train(model: str, exp: Experiment, dataset: CacheDataset, seed: int) -> tuple:
@@ -292,11 +324,11 @@ def train(model: str, exp: Experiment, dataset: CacheDataset, seed: int) -> tupl
         train_data_loader=loader,
         network=net,
         optimizer=optimizer,
-        loss_function=DeepSupervisionLoss(BCEDiceLoss(bce_weight=0.5, dice_weight=1.0), weights="equal"),
+        loss_function=DeepSupervisionLoss(make_loss(exp), weights="equal"),
         decollate=False,  # the deep-supervised network returns a list of heads
         train_handlers=[LrScheduleHandler(schedule, print_lr=False, epoch_level=False)],
     )
-    recorder = CurveRecorder(exp.curve_every)
+    recorder = CurveRecorder(exp.curve_every, make_loss(exp))
     recorder.attach(trainer)
     start = time.perf_counter()
     trainer.run()
@@ -463,7 +495,8 @@ def markdown(report: dict) -> str:
             "",
             f"Widths {tuple(exp['features'])} (Wide U-Net {tuple(exp['wide_features'])}), depth {DEPTH}, "
             f"{exp['steps']} steps of batch {exp['batch_size']} ({'x'.join(map(str, exp['roi']))} crops), "
-            f"{exp['seeds']} seed(s), Adam lr {exp['lr']} with cosine decay.",
+            f"{exp['seeds']} seed(s), Adam lr {exp['lr']} with cosine decay; intensity: preset `{exp['preset']}`"
+            + (f" {exp['intensity']}" if exp["intensity"] else "") + f"; {result['wall_seconds'] / 60:.1f} min for this block.",
             "",
             "| model | params | train s | " + " | ".join(f"IoU {c}" for c in classes) + " | mean IoU | mean Dice | ΔIoU vs U-Net | infer s |",
             "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|---:|---:|",
@@ -581,17 +614,18 @@ def plot_curves(report: dict, path: Path) -> None:
             curves = [run["curves"][model] for run in runs]
             steps = curves[0]["step"]
             mean = np.mean([c["final_head_loss"] for c in curves], axis=0)
-            window = max(1, min(5, len(mean) // 5))
+            window = max(1, min(4, len(mean) // 8))
             smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1:], smooth, color=colours[model], label=LABELS[model])
         ax.set_xlabel("training step")
         ax.set_ylabel("final-head loss (0.5 BCE + Dice)")
+        ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Training curves (mean over seeds, moving average)", fontsize=11)
+    fig.suptitle("Training curves: loss of the final head (mean over seeds and 5-step bins, smoothed)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -628,10 +662,11 @@ def machine(threads: int) -> dict:
 
 def run_experiment(exp: Experiment, data: dict, repeats: int, log) -> dict:
     chain = Compose([train_transforms(
-        spatial_dims=exp.spatial_dims, preset=exp.preset, roi_size=exp.roi, num_samples=exp.samples_per_volume
-    )] + one_hot_label(exp))
+        spatial_dims=exp.spatial_dims, preset=data["preset"], intensity=data["intensity"], roi_size=exp.roi,
+        num_samples=exp.samples_per_volume,
+    )] + one_hot_label(exp, training=True))
     dataset = CacheDataset(data["training"], chain, progress=False, num_workers=0)
-    test_set = load_test_set(exp, data["test"][: exp.max_test_cases or None])
+    test_set = load_test_set(exp, data)
     inferer = make_inferer(exp)
     runs = []
     for seed in range(exp.seeds):
@@ -646,6 +681,7 @@ def run_experiment(exp: Experiment, data: dict, repeats: int, log) -> dict:
     settings.update(features=list(exp.features), wide_features=list(exp.wide_features), batch_size=exp.batch_size,
                     out_channels=exp.out_channels, classes={str(k): v for k, v in exp.classes.items()},
                     test_shapes=[list(image.shape[2:]) for image, _ in test_set], training_cases=len(data["training"]))
+    settings.update(preset=data["preset"], intensity=data["intensity"])
     if exp.name.startswith("mni"):
         settings["slabs_z"] = {k: list(v) for k, v in MNI_SLABS.items()}
     return {"settings": settings, "runs": runs, "summary": summarise(exp, runs)}
@@ -673,7 +709,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - wall:7.1f} s] {message}", file=sys.stderr, flush=True)
 
     report = {
-        "command": "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "machine": machine(args.threads),
         "settings": {
@@ -704,7 +740,9 @@ def main(argv=None) -> int:
             if args.seeds:
                 exp = replace(exp, seeds=args.seeds)
             exp = replace(exp, steps=max(1, int(round(exp.steps * args.steps_scale))))
+            started = time.perf_counter()
             report["experiments"][name] = run_experiment(exp, data[name], repeats, log)
+            report["experiments"][name]["wall_seconds"] = round(time.perf_counter() - started, 1)
             log(f"{name} done")
     report["claims"] = claims(report["experiments"])
     report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
