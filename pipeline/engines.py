@@ -282,8 +282,8 @@ class _EarlyStopState:
         return stopper
 
     def state_dict(self) -> dict:
-        state = self._stopper().state_dict()
-        return {"counter": int(state["counter"]), "best_score": None if state["best_score"] is None else float(state["best_score"])}
+        # plain Python values only, so that the checkpoint loads with weights_only=True
+        return {key: value.item() if hasattr(value, "item") else value for key, value in self._stopper().state_dict().items()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self._stopper().load_state_dict(dict(state))
