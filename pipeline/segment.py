@@ -55,8 +55,10 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -975,14 +977,29 @@ def run_segmentation(
     start = time.perf_counter()
     network_s = wait_s = 0.0
     dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=options.workers,
-        collate_fn=_passthrough,
-        prefetch_factor=2 if options.workers > 0 else None,
-    )
+
+    def loader_from(first: int, isolated: bool = False):
+        """Reader over ``todo[first:]``; ``isolated``: one worker holding one case at a time."""
+        subset = torch.utils.data.Subset(dataset, range(first, len(dataset)))
+        workers = min(options.workers, 1) if isolated else options.workers
+        loader = torch.utils.data.DataLoader(
+            subset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_passthrough,
+            prefetch_factor=(1 if isolated else 2) if workers > 0 else None,
+        )
+        # PyTorch's SIGCHLD handler raises "DataLoader worker ... exited" in the main thread
+        # wherever it happens to be (in the network, in the middle of another case), which would
+        # blame the wrong case. Without it, a dead reader is reported by the next `next()`.
+        in_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD")
+        previous = signal.getsignal(signal.SIGCHLD) if in_main else None
+        iterator = iter(loader)
+        if in_main and previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
+        return iterator
+
     pending: deque[Future] = deque()
 
     def harvest(limit: int) -> None:
@@ -991,14 +1008,32 @@ def run_segmentation(
             progress.case_finished(pending.popleft().result())
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
-        iterator = iter(loader)
+        iterator, expected, isolated = loader_from(0), 0, False
         while True:
             tick = time.perf_counter()
             try:
                 item = next(iterator)
             except StopIteration:
                 break
+            except RuntimeError as err:
+                if options.workers == 0 or "DataLoader worker" not in str(err) or expected >= len(todo):
+                    raise
+                # A reader process died (a segfault in a DICOM decoder, killed for memory...). With
+                # prefetching it may have held several cases, and results it had queued die with it,
+                # so go on from the next expected case with one reader holding one case at a time:
+                # if it dies again, that case is the culprit (a transient failure just passes).
+                wait_s += time.perf_counter() - tick
+                if isolated:
+                    reason = f"read: the reader process died on this case ({str(err).splitlines()[0]})"
+                    progress.case_finished(writer.fail(todo[expected], reason))
+                    expected += 1
+                else:
+                    progress.log("a reader process died; going on with one reader, one case at a time")
+                    isolated = True
+                iterator = loader_from(expected, isolated=True)
+                continue
             wait_s += time.perf_counter() - tick
+            expected = item["index"] + 1
             case = todo[item["index"]]
             timings = {"read_s": item["read_s"]}
             if item["error"] is not None:

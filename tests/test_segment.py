@@ -288,6 +288,35 @@ def test_rerun_skips_verified_cases_and_never_overwrites_foreign_files(tmp_path,
     assert "other settings (precision)" in summary(output)["case0"]["reason"]
 
 
+class DiesOn:
+    """Preprocessing that kills its reader process on one file, as a decoder segfault would."""
+
+    def __init__(self, inner, name: str):
+        self.inner, self.name = inner, name
+
+    def __call__(self, data):
+        if Path(data["image"]).name == self.name:
+            os._exit(139)
+        return self.inner(data)
+
+
+def test_a_reader_process_dying_on_one_case_fails_only_that_case(tmp_path, checkpoint):
+    data = tmp_path / "in"
+    for index, name in enumerate(("a", "b_crash", "c", "d")):
+        write_nifti(data / f"{name}.nii.gz", seed=index)
+    overrides = dict(segment.parse_override(text) for text in TINY[1::2])
+    bundle = segment.load_bundle(BUNDLE, overrides=overrides, checkpoint=str(checkpoint), device="cpu")
+    bundle.preprocessing = DiesOn(bundle.preprocessing, "b_crash.nii.gz")
+    cases = segment.discover_cases(data)
+    options = segment.SegmentOptions(output=tmp_path / "out", quiet=True, workers=1)
+
+    segment.run_segmentation(cases, bundle, options, settings={}, run_id="run1")
+
+    rows = {row["case_id"]: row for row in segment.collect_rows(cases, tmp_path / "out", "run1")}
+    assert {k: r["status"] for k, r in rows.items()} == {"a": "done", "b_crash": "failed", "c": "done", "d": "done"}
+    assert "reader process died" in rows["b_crash"]["reason"]
+
+
 # --------------------------------------------------------------------------------------------
 # DICOM SEG and QA pictures
 # --------------------------------------------------------------------------------------------
