@@ -31,7 +31,7 @@ paper's ratio (35/32 of U-Net's widths). The parameter counts of the paper confi
 32..512) are reported separately.
 
 Timing: ``torch.set_num_threads(1)`` by default. On a shared 2-core machine two intra-op threads
-were 5-15x *slower* per training step than one (each OpenMP barrier waits for a descheduled thread).
+were about 10x *slower* per training step than one (each OpenMP barrier waits for a descheduled thread).
 Inference times are the median of interleaved passes over the whole test set, so background load
 hits every model alike; absolute numbers still move with the load.
 """
@@ -172,7 +172,7 @@ def write_mni_slabs(demo_dir: Path, out_dir: Path) -> dict:
     *training* slabs' foreground (``pipeline.data.intensity_fingerprint``), lower bound 0 so the empty
     background stays apart from tissue. The MRI preset's per-volume z-score would normalise each slab
     with its own statistics: the test slab holds more white matter, so its grey and white matter land
-    0.3-0.5 std lower than in the training slabs, an artefact of cutting one brain into slabs.
+    up to 0.5 std lower than in the training slabs, an artefact of cutting one brain into slabs.
     """
     image, label = nib.load(demo_dir / MNI_T1), nib.load(demo_dir / MNI_LABEL)
     if nib.aff2axcodes(image.affine) != ("R", "A", "S"):
