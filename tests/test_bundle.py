@@ -19,6 +19,38 @@ SCHEMA = os.path.join(REPO, "bundles", "schema", "meta_schema.json")
 TINY = ["--network_def#features", "[4,8,16,32]", "--network_def#depth", "3"]
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Demo data with a few cases per split, as overrides: {bundle: {"dataset_dir": ..., "datalist": ...}}."""
+    from pipeline.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("data")
+    write_demo_data(root, sets=("synthetic_3d", "synthetic_2d"))
+    overrides = {}
+    for bundle, name in (("unetpp_3d_seg", "synthetic_3d"), ("unetpp_2d_seg", "synthetic_2d")):
+        content = json.loads((root / f"{name}.json").read_text())
+        for section in ("training", "validation", "test"):
+            content[section] = content[section][:2]
+        (root / f"{name}_small.json").write_text(json.dumps(content))
+        overrides[bundle] = {"dataset_dir": str(root), "datalist": str(root / f"{name}_small.json")}
+    return overrides
+
+
+def workflow(name, configs, workflow_type, small_data, tmp_path):
+    """A ConfigWorkflow of the bundle on small data with a tiny network, initialized as `monai.bundle run` does."""
+    flow = ConfigWorkflow(
+        config_file=[bundle_path(name, "configs", c) for c in configs],
+        meta_file=bundle_path(name, "configs", "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(tmp_path),
+        **small_data[name],
+        **{"network_def#features": [4, 8, 16], "network_def#depth": 2, "cache_rate": 0.0, "num_workers": 0},
+    )
+    flow.initialize()
+    return flow
+
+
 def bundle_path(name, *parts):
     return os.path.join(REPO, "bundles", name, *parts)
 
@@ -118,25 +150,36 @@ def test_ckpt_export_torchscript_matches_eager(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-@pytest.mark.parametrize("workflow_type, config", [("train", "train.json"), ("infer", "inference.json")])
-def test_config_workflow_properties(name, workflow_type, config):
-    workflow = ConfigWorkflow(
-        config_file=bundle_path(name, "configs", config),
-        meta_file=bundle_path(name, "configs", "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-    )
-    assert workflow.check_properties() == []
+@pytest.mark.parametrize(
+    "workflow_type, configs",
+    [
+        ("train", ["train.json"]),
+        ("infer", ["inference.json"]),
+        ("train", ["train.json", "evaluate.json"]),
+        ("train", ["train.json", "demo.json"]),
+        ("infer", ["inference.json", "demo.json"]),
+    ],
+)
+def test_config_workflow_properties(name, workflow_type, configs, small_data, tmp_path):
+    flow = workflow(name, configs, workflow_type, small_data, tmp_path)
+    assert flow.check_properties() == []
+    assert flow.bundle_root == str(tmp_path)
+    if workflow_type == "train":
+        assert type(flow.trainer).__name__ == "SupervisedTrainer" and type(flow.evaluator).__name__ == "SupervisedEvaluator"
+        assert len(flow.train_dataset) == 2 and flow.max_epochs > 0
+    else:
+        assert type(flow.evaluator).__name__ == "SupervisedEvaluator" and len(flow.dataset) == 2
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_evaluate_and_multi_gpu_overlays_keep_train_properties(name):
+def test_multi_gpu_overlay_keeps_train_properties(name):
     configs = [bundle_path(name, "configs", c) for c in ("train.json", "multi_gpu_train.json")]
-    workflow = ConfigWorkflow(config_file=configs, logging_file=False, workflow_type="train")
-    assert workflow.check_properties() == []
-    configs = [bundle_path(name, "configs", c) for c in ("train.json", "evaluate.json")]
-    workflow = ConfigWorkflow(config_file=configs, logging_file=False, workflow_type="train")
-    assert workflow.check_properties() == []
+    flow = ConfigWorkflow(config_file=configs, logging_file=False, workflow_type="train")
+    # initializing needs a process group (see test_bundle_runs.py); the ids must all be there
+    for key in ["train#trainer", "train#dataset", "train#inferer", "train#sampler", "validate#sampler", "network"]:
+        assert key in flow.parser, key
+    assert flow.parser["train#dataloader#sampler"] == "@train#sampler"
+    assert "gloo" in json.dumps(flow.parser["initialize"]) and "nccl" in json.dumps(flow.parser["initialize"])
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -164,14 +207,9 @@ def test_inference_config_exposes_what_batch_segmentation_loads(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_demo_overlay_fits_train_evaluate_and_inference(name):
-    """configs/demo.json only sets top-level ids of train.json, so it overlays every config of the bundle."""
+def test_demo_overlay_only_sets_top_level_ids_of_train_json(name):
+    """So configs/demo.json overlays train.json, evaluate.json and inference.json alike."""
     demo = json.load(open(bundle_path(name, "configs", "demo.json")))
     train = json.load(open(bundle_path(name, "configs", "train.json")))
     assert [key for key in demo if key not in train] == []
-    for configs, workflow_type in [(["train.json", "demo.json"], "train"), (["inference.json", "demo.json"], "infer")]:
-        workflow = ConfigWorkflow(
-            config_file=[bundle_path(name, "configs", c) for c in configs], logging_file=False, workflow_type=workflow_type
-        )
-        assert workflow.check_properties() == []
-        assert workflow.parser.get_parsed_content("network_def").features == demo["network_def"]["features"]
+    assert all("#" not in key for key in demo)
