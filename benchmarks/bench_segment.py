@@ -67,7 +67,7 @@ def overrides(size: dict) -> list[str]:
     return [
         "--override", f"network_def#features={json.dumps(size['features'])}",
         "--override", f"network_def#depth={size['depth']}",
-        "--override", f"roi_size={json.dumps(size['roi'])}",
+        "--override", f"sw_roi_size={json.dumps(size['roi'])}",
         "--override", "sw_batch_size=1",
         "--override", "overlap=0.25",
     ]
@@ -117,6 +117,10 @@ def weights(size: dict, args, work: Path) -> tuple[Path, dict]:
     if args.checkpoint:
         return Path(args.checkpoint), {"source": args.checkpoint}
     path = work / "model.pt"
+    if args.memory_only:  # memory does not depend on the weights
+        torch.manual_seed(0)
+        torch.save(UNetPlusPlus(3, 1, 1, features=size["features"], depth=size["depth"]).state_dict(), path)
+        return path, {"source": "freshly initialised (memory does not depend on the weights)"}
     return path, {"source": "trained here on synthetic blobs", **train_quickly(size, size["train_steps"], path)}
 
 

@@ -359,6 +359,7 @@ def load_bundle(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: the config's ``device``.
     """
     from monai.bundle import ConfigParser
+    from monai.bundle.reference_resolver import ReferenceResolver
 
     from pipeline.engines import load_weights
 
@@ -374,6 +375,9 @@ def load_bundle(
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(bundle)
     for key, value in (overrides or {}).items():
+        top = ReferenceResolver.normalize_id(key).split(ReferenceResolver.sep)[0]
+        if top not in parser:
+            raise KeyError(f"override {key!r}: the bundle config has no id {top!r} (a typo?)")
         parser[key] = value
     if device is not None:
         parser["device"] = f"$torch.device({str(device)!r})"

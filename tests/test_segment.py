@@ -32,7 +32,7 @@ from pipeline.readers import read_volume, sitk_image_from_array, write_dicom_ser
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "unetpp_3d_seg"
 TINY = ["--override", "network_def#features=[4,8,16]", "--override", "network_def#depth=2",
-        "--override", "roi_size=[32,32,32]", "--override", "sw_batch_size=1"]
+        "--override", "sw_roi_size=[32,32,32]", "--override", "sw_batch_size=1"]
 OBLIQUE = np.array([[-0.9, 0.15, 0.0, 40.0], [0.1, 1.1, 0.2, -20.0], [0.0, -0.25, 1.4, 7.5], [0, 0, 0, 1.0]])
 
 
@@ -199,6 +199,8 @@ def test_usage_errors_exit_2_and_write_nothing(tmp_path, checkpoint, capsys):
     torch.save(UNetPlusPlus(3, 1, 1, features=(8, 16, 32), depth=2).state_dict(), wrong)
     assert run(wrong, tmp_path / "in", output) == 2
     assert "does not fit the network" in capsys.readouterr().err
+    assert run(checkpoint, tmp_path / "in", output, "--override", "sw_roi_sise=[16,16,16]") == 2
+    assert "no id 'sw_roi_sise'" in capsys.readouterr().err
     assert not output.exists()
 
 
