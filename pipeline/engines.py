@@ -533,7 +533,9 @@ class HausdorffDistance95(HausdorffDistance):
         for pred, label in zip(y_pred, y):  # lists of channel-first cases, or batch-first tensors
             spacing = None
             if isinstance(label, MetaTensor):
-                spacing = [float(s) for s in torch.as_tensor(label.pixdim).reshape(-1)[: label.ndim - 1]]
+                dims = label.ndim - 1
+                # a 2D image handled as a one-slice volume keeps its 2D affine: the extra axis has size 1
+                spacing = ([float(s) for s in torch.as_tensor(label.pixdim).reshape(-1)] + [1.0] * dims)[:dims]
             self.metric_fn([pred], [label], spacing=spacing)
 
 

@@ -87,7 +87,7 @@ def test_train_evaluate_infer(bundle, demo, tmp_path):
     assert code == 0, out[-3000:]
     models = tmp_path / "models"
     assert set(torch.load(models / "model.pt", weights_only=True)) == set(
-        UNetPlusPlus(2 if "2d" in bundle else 3, 1, 1, features=(4, 8, 16), depth=2).state_dict()
+        UNetPlusPlus(2 if "2d" in bundle else 3, 1, 1, features=(4, 8, 16), depth=2, norm="batch").state_dict()
     )
     assert torch.load(models / "latest.pt", weights_only=True)["trainer"]["iteration"] >= 1
     rows = log_rows(tmp_path)
@@ -145,13 +145,13 @@ def test_invalid_datalist_stops_before_training(demo, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(demo, tmp_path):
     (tmp_path / "models").mkdir()
-    other = UNetPlusPlus(3, 1, 1, features=(8, 16, 32), depth=2)
+    other = UNetPlusPlus(3, 1, 1, features=(8, 16, 32), depth=2, norm="batch")  # demo.json uses batch norm
     torch.save(other.state_dict(), tmp_path / "models" / "model.pt")
     for names in (["train.json", "demo.json", "evaluate.json"], ["inference.json", "demo.json"]):
         code, out = run(command("unetpp_3d_seg", names, demo, tmp_path))
         assert code != 0
         assert "CheckpointMismatchError" in out and "does not fit the network UNetPlusPlus(" in out
-        assert "(8,) in the checkpoint vs (4,) in the network" in out
+        assert "(8, 1, 3, 3, 3) in the checkpoint vs (4, 1, 3, 3, 3) in the network" in out
 
 
 def test_training_killed_with_sigkill_resumes_from_the_latest_checkpoint(demo, tmp_path):
