@@ -37,8 +37,8 @@ What it does, in the order a case goes through it:
   recorded with its reason (``records/<case>.failed.json``) and the batch goes on; the exit
   code is 1 when any case failed, 2 for a usage or setup error.
 * **Scale-out.** Under ``torchrun`` (``RANK``/``WORLD_SIZE``) rank 0 discovers the cases and
-  broadcasts the list, rank ``r`` takes cases ``r, r + N, ...``, and after a barrier rank 0
-  writes one summary from every case's record.
+  broadcasts the list, rank ``r`` takes cases ``r, r + N, ...``; when every rank has written its
+  completion file rank 0 writes one summary from every case's record.
 """
 
 from __future__ import annotations
@@ -1157,8 +1157,13 @@ def _dist_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _init_dist(world_size: int, timeout_s: float) -> bool:
-    """Process group for the case list broadcast and the final barrier (gloo: CPU objects only)."""
+def _init_dist(world_size: int, timeout_s: float = 1800) -> bool:
+    """Process group for broadcasting the case list and run id at the start (gloo: CPU objects only).
+
+    The end of the run is synchronised through files in ``OUT/records`` instead (see
+    :func:`_wait_for_ranks`): ranks finish hours apart on uneven shards, and a collective with a
+    timeout that long would also turn any start-up problem into a hang.
+    """
     if world_size <= 1:
         return False
     import torch.distributed as dist
@@ -1168,6 +1173,27 @@ def _init_dist(world_size: int, timeout_s: float) -> bool:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun")
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def _rank_done_path(out: Path, run_id: str, rank: int) -> Path:
+    return out / RECORDS_DIR / f".rank{rank}.{run_id}.json"
+
+
+def _wait_for_ranks(out: Path, run_id: str, world_size: int, timeout_s: float) -> list[dict | None]:
+    """Rank 0: wait until every rank has written its completion file (its statistics), or time out.
+
+    Returns each rank's statistics (``None`` for a rank that never finished; its cases show as
+    ``missing``) and removes the files.
+    """
+    deadline = time.monotonic() + timeout_s
+    paths = [_rank_done_path(out, run_id, r) for r in range(world_size)]
+    while time.monotonic() < deadline and not all(p.exists() for p in paths):
+        time.sleep(0.5)
+    stats = [_read_json(p) for p in paths]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stats
 
 
 def _broadcast(value: Any, distributed: bool) -> Any:
@@ -1210,7 +1236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo every case and replace existing outputs")
     parser.add_argument("--workers", type=int, default=1, help="background reader processes (0: read in the main process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; one log line per case")
-    parser.add_argument("--dist-timeout", type=float, default=24 * 3600, help="torchrun: seconds rank 0 waits for the others")
+    parser.add_argument("--dist-timeout", type=float, default=24 * 3600,
+                        help="torchrun: seconds rank 0 waits for the other ranks to finish their shares")
     return parser
 
 
@@ -1278,7 +1305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error("--precision bf16 is not supported by this GPU (use fp16)")
 
     try:
-        distributed = _init_dist(world_size, args.dist_timeout)
+        distributed = _init_dist(world_size)
     except RuntimeError as err:
         return _usage_error(str(err))
     try:
@@ -1315,36 +1342,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args, bundle, overrides)
         mine = shard(cases, rank, world_size)
         stats = run_segmentation(mine, bundle, options, settings, run_id)
-        all_stats = [stats]
+        all_stats: list = [stats]
         if distributed:
             import torch.distributed as dist
 
-            gathered: list = [None] * world_size
-            dist.all_gather_object(gathered, stats)  # also the barrier: every rank has finished its share
-            all_stats = gathered
-        exit_code = EXIT_OK
-        if rank == 0:
-            rows = collect_rows(cases, out, run_id)
-            batch = {
-                "run_id": run_id,
-                "world_size": world_size,
-                "device": str(bundle.device),
-                "precision": args.precision,
-                "settings": settings,
-                "wall_s": round(max(s["wall_s"] for s in all_stats), 3),
-                "network_s": round(sum(s["network_s"] for s in all_stats), 3),
-                "input_wait_s": round(sum(s["input_wait_s"] for s in all_stats), 3),
-                "per_rank": all_stats,
-            }
-            write_summary(rows, out, bundle.class_names, batch)
-            if args.qa_png:
-                write_qa_index(rows, out)
-            bad = [row for row in rows if row["status"] in ("failed", "missing")]
-            exit_code = EXIT_FAILED if bad else EXIT_OK
-            statuses = [row["status"] for row in rows]
-            counts = ", ".join(f"{statuses.count(k)} {k}" for k in sorted(set(statuses)))
-            print(f"segment: {len(rows)} cases ({counts}); summary in {out / 'summary.csv'}", file=sys.stderr)
-        return int(_broadcast(exit_code, distributed))
+            _write_text_atomic(_rank_done_path(out, run_id, rank), json.dumps(stats) + "\n")
+            dist.destroy_process_group()
+            distributed = False
+            if rank != 0:  # rank 0 writes the summary; each rank's exit code covers its own share
+                own = collect_rows(mine, out, run_id)
+                return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in own) else EXIT_OK
+            all_stats = _wait_for_ranks(out, run_id, world_size, args.dist_timeout)
+        finished = [s for s in all_stats if s]
+        rows = collect_rows(cases, out, run_id)
+        batch = {
+            "run_id": run_id,
+            "world_size": world_size,
+            "device": str(bundle.device),
+            "precision": args.precision,
+            "settings": settings,
+            "wall_s": round(max(s["wall_s"] for s in finished), 3),
+            "network_s": round(sum(s["network_s"] for s in finished), 3),
+            "input_wait_s": round(sum(s["input_wait_s"] for s in finished), 3),
+            "per_rank": all_stats,
+        }
+        write_summary(rows, out, bundle.class_names, batch)
+        if args.qa_png:
+            write_qa_index(rows, out)
+        statuses = [row["status"] for row in rows]
+        counts = ", ".join(f"{statuses.count(k)} {k}" for k in sorted(set(statuses)))
+        print(f"segment: {len(rows)} cases ({counts}); summary in {out / 'summary.csv'}", file=sys.stderr)
+        return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in rows) else EXIT_OK
     finally:
         if distributed:
             import torch.distributed as dist

@@ -417,9 +417,15 @@ def test_two_rank_torchrun_covers_every_case_exactly_once(tmp_path, checkpoint):
     write_series(data / "dicom" / "series_a")
     output = tmp_path / "out"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(launcher + command(checkpoint, data, output)[1:], env=environment(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    process = subprocess.Popen(launcher + command(checkpoint, data, output)[1:], env=environment(), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"torchrun did not finish in 180 s:\n{log[-4000:]}")
+    assert process.returncode == 0, log[-4000:]
 
     rows = summary(output)
     assert sorted(rows) == ["series_a", "vol0", "vol1", "vol2", "vol3"]
@@ -428,3 +434,16 @@ def test_two_rank_torchrun_covers_every_case_exactly_once(tmp_path, checkpoint):
     assert by_rank == {0: ["series_a", "vol1", "vol3"], 1: ["vol0", "vol2"]}
     assert json.loads((output / "summary.json").read_text())["batch"]["world_size"] == 2
     assert len(list(output.glob("*_seg.nii.gz"))) == 5
+    assert not list((output / "records").glob(".rank*"))  # completion files are cleaned up
+
+
+def test_benchmark_quick_run_prints_its_measurements_as_json(tmp_path):
+    output = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_segment.py"), "--quick", "--output", str(output)],
+                            env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["pipeline"]["volumes"] >= 4 and report["pipeline"]["batch_over_network"] > 0
+    assert 0 < report["pipeline"]["network_share_of_batch"] <= 1
+    assert len(report["bf16"]["dice_bf16_vs_fp32"]) == 4 and report["bf16"]["network_speedup_fp32_over_bf16"] > 0
+    assert report["memory_ct"]["peak_pss_gb_process_tree"] > 0 and report["memory_ct"]["peak_rss_gb_largest_process"] > 0
