@@ -7,7 +7,6 @@ as the checkpoint stands in for a trained one (the masks are meaningless, the ge
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
