@@ -280,6 +280,8 @@ def write_dicom_series(
     seed = out_dir.name
     study_uid = study_uid or pydicom.uid.generate_uid(entropy_srcs=["pipeline-study", seed])
     series_uid = series_uid or pydicom.uid.generate_uid(entropy_srcs=["pipeline-series", seed])
+    # A frame of reference lets derived objects (e.g. a DICOM SEG) reference this series.
+    frame_uid = pydicom.uid.generate_uid(entropy_srcs=["pipeline-frame", seed])
     volume = sitk_image_from_array(array.astype(np.int16), affine)
     direction = np.asarray(volume.GetDirection()).reshape(3, 3)
     iop = "\\".join(f"{v:.10g}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
@@ -299,6 +301,7 @@ def write_dicom_series(
             "0010|0020": "pipeline-demo",
             "0020|000d": study_uid,
             "0020|000e": series_uid,
+            "0020|0052": frame_uid,
             "0020|0011": "1",
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.10g}" for v in position),

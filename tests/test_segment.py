@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-import pydicom.uid
 import pytest
 import SimpleITK as sitk
 import torch
@@ -53,16 +52,10 @@ def write_nifti(path: Path, shape=(32, 32, 32), affine=None, seed=0) -> Path:
 
 
 def write_series(folder: Path, shape=(30, 28, 20), seed=5) -> Path:
-    """A real CT series written by SimpleITK, plus the FrameOfReferenceUID every scanner writes
-    (SimpleITK's writer leaves it out, and a DICOM SEG must reference it)."""
+    """A real CT series written by SimpleITK (with a FrameOfReferenceUID, which a DICOM SEG references)."""
     affine = np.diag([-0.8, -0.8, 2.0, 1.0])
     affine[:3, 3] = [100.0, 80.0, -30.0]
     write_dicom_series(np.round(blobs(shape, seed) * 1000), affine, folder, modality="CT")
-    frame_of_reference = pydicom.uid.generate_uid(entropy_srcs=[folder.name])
-    for path in folder.glob("*.dcm"):
-        dataset = pydicom.dcmread(path)
-        dataset.FrameOfReferenceUID = frame_of_reference
-        dataset.save_as(path)
     return folder
 
 
