@@ -63,6 +63,7 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_sigkill_during_saves(tmp_path):
     """A process killed at random moments while saving never leaves an unreadable file behind."""
     path = tmp_path / "latest.pt"
