@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
 
+    if importlib.util.find_spec("fire") is None:
+        print("error: `python -m monai.bundle` needs the 'fire' package: pip install fire", file=sys.stderr)
+        return 1
     from pipeline.demo import write_demo_data
 
     out = Path(args.output).resolve()
