@@ -357,6 +357,8 @@ class ResumableCheckpoint:
         location = self.map_location if self.map_location is not None else getattr(engine.state, "device", "cpu")
         state = _torch_load(self.path, location)
         objects = self._objects(engine)
+        if "grad_scaler" in objects and "grad_scaler" not in state:  # resumed on CUDA from a CPU run
+            objects.pop("grad_scaler")
         missing = [key for key in objects if key not in state]
         if missing:
             raise CheckpointMismatchError(

@@ -17,7 +17,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import EarlyStopHandler, LrScheduleHandler, MeanDice, ValidationHandler, from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
-from monai.transforms import AsDiscreted, Compose, Lambdad
+from monai.transforms import Compose, Lambdad
 
 from pipeline.engines import (
     BestModelSaver,
