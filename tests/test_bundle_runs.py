@@ -190,7 +190,7 @@ def test_training_killed_with_sigkill_resumes_from_the_latest_checkpoint(demo, t
 def test_torchrun_two_cpu_processes(demo, tmp_path):
     args = command(
         "unetpp_3d_seg", ["train.json", "demo.json", "multi_gpu_train.json"], demo, tmp_path,
-        "--max_epochs", "2", "--val_interval", "1",
+        "--max_epochs", "2", "--val_interval", "1", "--cpu_bf16", "True",  # DDP with bfloat16 autocast on CPU
         launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"),
     )  # fmt: skip
     code, out = run(args)
