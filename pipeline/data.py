@@ -45,7 +45,7 @@ __all__ = [
 
 SECTIONS = ("training", "validation", "test")
 PATH_KEYS = ("image", "label")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".nha", ".dcm")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")  # paired names: case.nii.gz + case_seg.nii.gz
 
 

@@ -10,6 +10,7 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
+from monai.losses import DeepSupervisionLoss as MonaiDeepSupervisionLoss
 from monai.losses import DiceCELoss, DiceLoss
 
 __all__ = ["BCEDiceLoss", "CEDiceLoss", "LogCoshDiceLoss", "DeepSupervisionLoss", "deep_supervision_weights"]
@@ -112,24 +113,18 @@ def deep_supervision_weights(num_heads: int, weights: Union[str, Sequence[float]
     return [w / total for w in raw]
 
 
-class DeepSupervisionLoss(nn.Module):
-    """Apply ``loss`` to every head and sum with normalised weights.
+class DeepSupervisionLoss(MonaiDeepSupervisionLoss):
+    """MONAI's ``DeepSupervisionLoss`` with normalised head weights: equal (paper) by default.
 
     ``outputs`` is one tensor (no deep supervision, e.g. in validation) or a list of heads ordered
-    deepest first, each ``(B, C, *S)`` at full resolution, as ``UNetPlusPlus`` returns in training.
+    deepest first, each ``(B, C, *S)``, as ``UNetPlusPlus`` returns in training. ``weights`` is
+    ``"equal"``, ``"halving"`` or a sequence (see :func:`deep_supervision_weights`).
     """
 
     def __init__(self, loss: nn.Module, weights: Union[str, Sequence[float]] = "equal"):
-        super().__init__()
-        self.loss = loss
-        self.weights = weights
+        super().__init__(loss)
+        deep_supervision_weights(len(weights) if not isinstance(weights, str) else 1, weights)  # fail early
+        self.head_weights = weights
 
-    def forward(self, outputs: Union[torch.Tensor, Sequence[torch.Tensor]], target: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, target)
-        weights = deep_supervision_weights(len(outputs), self.weights)
-        total = outputs[0].new_zeros(())
-        for weight, head in zip(weights, outputs):
-            if weight > 0:
-                total = total + weight * self.loss(head, target)
-        return total
+    def get_weights(self, levels: int = 1) -> list:
+        return deep_supervision_weights(levels, self.head_weights)

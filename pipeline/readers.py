@@ -48,7 +48,7 @@ __all__ = [
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 # Suffixes SimpleITK reads with full geometry (NIfTI only when asked explicitly).
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".nha", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 
 
 class DataError(ValueError):

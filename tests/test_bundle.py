@@ -84,6 +84,7 @@ def test_model_zoo_layout(name):
     assert "Apache License" in open(bundle_path(name, "LICENSE")).read()
     # weights are produced by training, never committed
     tracked = subprocess.run(["git", "ls-files", bundle_path(name, "models")], cwd=REPO, capture_output=True, text=True)
+    assert tracked.returncode == 0, tracked.stderr
     assert tracked.stdout.strip() == ""
 
 

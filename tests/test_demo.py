@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -23,11 +22,8 @@ DATA_LISTS = Path(__file__).resolve().parents[1] / "data_lists"
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    start = time.perf_counter()
     written = write_demo_data(out)
-    elapsed = time.perf_counter() - start
     assert set(written) == set(SETS)
-    assert elapsed < 30, f"demo data took {elapsed:.1f} s"
     return out
 
 

@@ -105,7 +105,8 @@ def test_load_weights_round_trip_and_training_checkpoints(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
     # latest.pt style: {"model": state_dict, "optimizer": ...}
     torch.save({"model": source.state_dict(), "optimizer": {"state": {}}}, tmp_path / "latest.pt")
-    load_weights(tiny_net(), tmp_path / "latest.pt")
+    from_training = load_weights(tiny_net(), tmp_path / "latest.pt")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), from_training.state_dict().values()))
 
 
 def test_load_weights_wrong_architecture_names_the_difference(tmp_path):
