@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.readers import DataError, read_volume
+from pipeline.readers import DataError, read_volume, strip_image_suffix
 
 __all__ = [
     "DataError",
@@ -346,15 +346,6 @@ def check_datalist(
 # --------------------------------------------------------------------------------------------
 
 
-def _strip_suffix(name: str) -> str | None:
-    """Case name of an image file (``None`` if the suffix is not an image format)."""
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _is_series_folder(path: Path) -> bool:
     """A folder counts as one DICOM series when it holds files (validation reads it properly)."""
     return path.is_dir() and any(child.is_file() and not child.name.startswith(".") for child in path.iterdir())
@@ -366,7 +357,7 @@ def _cases(folder: Path) -> dict[str, list[Path]]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        stem = path.name if _is_series_folder(path) else (_strip_suffix(path.name) if path.is_file() else None)
+        stem = path.name if _is_series_folder(path) else (strip_image_suffix(path.name, IMAGE_SUFFIXES) if path.is_file() else None)
         if stem is None:
             continue
         match = re.fullmatch(r"(.+)_(\d{4})", stem)

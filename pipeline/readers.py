@@ -39,6 +39,7 @@ __all__ = [
     "read_dicom_series",
     "read_volume",
     "is_nifti",
+    "strip_image_suffix",
     "sitk_image_from_array",
     "write_dicom_series",
     "LPS_TO_RAS",
@@ -49,6 +50,15 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 # Suffixes SimpleITK reads with full geometry (NIfTI only when asked explicitly).
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+
+
+def strip_image_suffix(name: str, suffixes: tuple) -> str | None:
+    """``name`` without the first of ``suffixes`` it ends with (case-insensitive); ``None`` if none."""
+    lower = name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 class DataError(ValueError):

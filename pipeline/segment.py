@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.readers import DataError, is_nifti
+from pipeline.readers import DataError, is_nifti, strip_image_suffix
 
 __all__ = [
     "Case",
@@ -121,19 +121,11 @@ class Case:
         return self.image[0] if isinstance(self.image, list) else self.image
 
 
-def _strip_image_suffix(name: str) -> str | None:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _is_dicom_file(path: Path) -> bool:
     """``.dcm``-like suffix, or the 128-byte preamble followed by ``DICM`` (files often have no suffix)."""
     if path.name.lower().endswith(DICOM_SUFFIXES):
         return True
-    if _strip_image_suffix(path.name) is not None:
+    if strip_image_suffix(path.name, IMAGE_SUFFIXES) is not None:
         return False
     try:
         with open(path, "rb") as handle:
@@ -163,7 +155,7 @@ def assign_case_ids(entries: Sequence[tuple[str | list[str], str, bool]]) -> lis
 
     def base(source: str, is_dicom: bool) -> str:
         name = source.rstrip("/").split("/")[-1]
-        return _sanitize(name if is_dicom else (_strip_image_suffix(name) or Path(name).stem))
+        return _sanitize(name if is_dicom else (strip_image_suffix(name, IMAGE_SUFFIXES) or Path(name).stem))
 
     def qualified(source: str, is_dicom: bool) -> str:
         parts = [p for p in source.rstrip("/").split("/") if p][:-1]
@@ -206,7 +198,7 @@ def discover_cases(root: str | os.PathLike, exclude: Sequence[str | os.PathLike]
             if name.startswith("."):
                 continue
             path = folder_path / name
-            if _strip_image_suffix(name) is not None:
+            if strip_image_suffix(name, IMAGE_SUFFIXES) is not None:
                 entries.append((str(path), (path.relative_to(root)).as_posix(), False))
             elif not has_dicom and _is_dicom_file(path):
                 has_dicom = True
