@@ -558,7 +558,8 @@ def markdown(report: dict) -> str:
 MARKERS = {"unet": ("s", "tab:blue"), "wide_unet": ("D", "tab:orange"), "unetpp": ("^", "tab:green"), "unetpp_ds_accurate": ("*", "tab:red")}
 
 
-def plot_pruning(report: dict, path: Path) -> None:
+def experiment_grid(report: dict, panel_height: float):
+    """A figure with one panel per experiment, two per row: returns (plt, fig, axes, names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,7 +568,12 @@ def plot_pruning(report: dict, path: Path) -> None:
     names = list(report["experiments"])
     cols = min(2, len(names))
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, panel_height * rows), squeeze=False)
+    return plt, fig, axes, names
+
+
+def plot_pruning(report: dict, path: Path) -> None:
+    plt, fig, axes, names = experiment_grid(report, panel_height=3.9)
     for ax, name in zip(axes.flat, names):
         s = report["experiments"][name]["summary"]
         t = [s[f"unetpp_ds_L{k}"]["infer_seconds_median"] for k in LEVELS]
@@ -598,15 +604,7 @@ def plot_pruning(report: dict, path: Path) -> None:
 
 
 def plot_curves(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["experiments"])
-    cols = min(2, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    plt, fig, axes, names = experiment_grid(report, panel_height=3.6)
     colours = {"unet": "tab:blue", "wide_unet": "tab:orange", "unetpp": "tab:green", "unetpp_ds": "tab:red"}
     for ax, name in zip(axes.flat, names):
         runs = report["experiments"][name]["runs"]
