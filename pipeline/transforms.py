@@ -19,21 +19,25 @@ Chains (all return :class:`monai.transforms.Compose`):
 Every volume is handled as 3D: a 2D image on disk (e.g. a 2D NIfTI) becomes a one-slice
 volume ``(C, H, W, 1)``, so the 2D bundle's ``SliceInferer`` runs on the same tensors.
 
-Intensity presets (``preset`` and ``intensity``):
+Presets (``preset`` and ``intensity``) are one table, :data:`PRESETS`: name ->
+:class:`Preset` (intensity builder, foreground rule for the body crop, accepted
+``intensity`` options, description). Adding a preset is one entry there; every chain
+and its error messages read the table.
 
 * ``"ct"``: clip to an HU window ``{"a_min": -1000, "a_max": 1000}`` (default) or to
   per-volume percentiles ``{"percentiles": [0.5, 99.5]}``; then ``"output": "scale"``
   (to [0, 1], default) or ``"zscore"`` (with ``"mean"``/``"std"``, e.g. from
-  :func:`pipeline.data.intensity_fingerprint`, else per volume).
-* ``"mri"``: per-volume z-score on non-zero voxels (background stays 0).
-* ``"scale"``: min-max to [0, 1] per volume (synthetic demo data).
+  :func:`pipeline.data.intensity_fingerprint`, else per volume). Body: above the minimum.
+* ``"mri"``: per-volume z-score on non-zero voxels (background stays 0). Body: non-zero.
+* ``"scale"``: min-max to [0, 1] per volume (synthetic demo data). Body: above the minimum.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +78,7 @@ from pipeline.readers import DataError, SimpleITKReader, is_nifti
 
 __all__ = [
     "PRESETS",
+    "Preset",
     "LoadVolumed",
     "EnsureVolumed",
     "MatchInputDimsd",
@@ -85,7 +90,6 @@ __all__ = [
     "postprocessing",
 ]
 
-PRESETS = ("ct", "mri", "scale")
 # metadata kept after loading: what Orientationd/Spacingd/Invertd/SaveImaged read, plus DICOM identity
 META_KEEP = {
     "affine", "original_affine", "spatial_shape", "original_channel_dim", "filename_or_obj", "space",
@@ -214,28 +218,30 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# building blocks
+# presets: one table
 # --------------------------------------------------------------------------------------------
 
 
-def _check_preset(preset: str) -> None:
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+@dataclass(frozen=True)
+class Preset:
+    """One intensity preset: everything a chain needs to know about it.
+
+    Attributes:
+        intensity: ``(options, key) -> [transforms]``; ``options`` is the ``intensity`` dict,
+            already checked against ``options``.
+        foreground: ``(C, *spatial) tensor -> bool tensor``: the body the chains crop to;
+            it sees the image after ``intensity``, so it must suit the normalised values.
+        options: the ``intensity`` keys the builder accepts; empty = none.
+        description: one line for docs and listings.
+    """
+
+    intensity: Callable[[dict, str], list]
+    foreground: Callable[[torch.Tensor], torch.Tensor]
+    options: frozenset = frozenset()
+    description: str = ""
 
 
-def intensity_transforms(preset: str = "ct", intensity: dict | None = None, key: str = "image") -> list:
-    """Intensity normalisation for a preset (see the module docstring for ``intensity``)."""
-    _check_preset(preset)
-    intensity = dict(intensity or {})
-    if preset == "mri":
-        _no_options(preset, intensity)
-        return [NormalizeIntensityd(key, nonzero=True, channel_wise=True)]
-    if preset == "scale":
-        _no_options(preset, intensity)
-        return [ScaleIntensityd(key, minv=0.0, maxv=1.0)]
-    known = {"a_min", "a_max", "percentiles", "output", "mean", "std"}
-    if set(intensity) - known:
-        raise ValueError(f"unknown CT intensity options {sorted(set(intensity) - known)}; known: {sorted(known)}")
+def _ct_intensity(intensity: dict, key: str) -> list:
     output = intensity.get("output", "scale")
     if output not in ("scale", "zscore"):
         raise ValueError(f"intensity output must be 'scale' or 'zscore', got {output!r}")
@@ -256,9 +262,51 @@ def intensity_transforms(preset: str = "ct", intensity: dict | None = None, key:
     return chain
 
 
-def _no_options(preset: str, intensity: dict) -> None:
-    if intensity:
+# name -> Preset: the one place a preset is defined (see the module docstring)
+PRESETS: dict[str, Preset] = {
+    "ct": Preset(
+        intensity=_ct_intensity,
+        # after clipping, air and scanner padding sit at the window's lower end, the volume minimum
+        foreground=above_minimum,
+        options=frozenset({"a_min", "a_max", "percentiles", "output", "mean", "std"}),
+        description="clip to an HU window or percentiles, then scale to [0, 1] or z-score",
+    ),
+    "mri": Preset(
+        intensity=lambda intensity, key: [NormalizeIntensityd(key, nonzero=True, channel_wise=True)],
+        foreground=nonzero,  # the non-zero z-score leaves background at exactly 0
+        description="per-volume z-score on non-zero voxels (background stays 0)",
+    ),
+    "scale": Preset(
+        intensity=lambda intensity, key: [ScaleIntensityd(key, minv=0.0, maxv=1.0)],
+        foreground=above_minimum,
+        description="min-max to [0, 1] per volume (synthetic demo data)",
+    ),
+}
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def intensity_transforms(preset: str = "ct", intensity: dict | None = None, key: str = "image") -> list:
+    """Intensity normalisation for a preset (see the module docstring for ``intensity``)."""
+    entry = _preset(preset)
+    intensity = dict(intensity or {})
+    if intensity and not entry.options:
         raise ValueError(f"preset {preset!r} takes no intensity options, got {intensity}")
+    unknown = set(intensity) - entry.options
+    if unknown:
+        raise ValueError(
+            f"unknown {preset.upper()} intensity options {sorted(unknown)}; known: {sorted(entry.options)}"
+        )
+    return entry.intensity(intensity, key)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
 
 
 def _pixdim3(pixdim: Sequence[float] | None, spatial_dims: int) -> tuple[float, ...] | None:
@@ -275,7 +323,7 @@ def _deterministic(keys, spatial_dims, preset, pixdim, intensity) -> list:
     """Load -> channel first -> 3D -> RAS -> spacing -> intensity -> body crop (shared by all chains)."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    _check_preset(preset)
+    entry = _preset(preset)
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     chain = [LoadVolumed(keys), EnsureChannelFirstd(keys), EnsureVolumed(keys), Orientationd(keys, axcodes="RAS", labels=None)]
@@ -283,8 +331,7 @@ def _deterministic(keys, spatial_dims, preset, pixdim, intensity) -> list:
     if target is not None:
         chain.append(Spacingd(keys, pixdim=target, mode=modes))
     chain += intensity_transforms(preset, intensity)
-    select = nonzero if preset == "mri" else above_minimum
-    chain.append(CropForegroundd(keys, source_key="image", select_fn=select, allow_smaller=True))
+    chain.append(CropForegroundd(keys, source_key="image", select_fn=entry.foreground, allow_smaller=True))
     return chain
 
 

@@ -12,6 +12,8 @@ import torch
 
 from pipeline.readers import read_volume, write_dicom_series
 from pipeline.transforms import (
+    PRESETS,
+    Preset,
     eval_transforms,
     inference_transforms,
     intensity_transforms,
@@ -112,6 +114,26 @@ def test_mri_preset_zscore_on_nonzero_and_crop(tmp_path):
     out = inference_transforms(preset="mri")({"image": str(tmp_path / "t1.nii.gz")})["image"]
     assert tuple(out.shape) == (1, 8, 10, 8)  # cropped to the non-zero head
     assert abs(out.mean().item()) < 1e-4 and abs(out.std(unbiased=False).item() - 1) < 1e-3
+
+
+def test_a_new_preset_is_one_table_entry(tmp_path, monkeypatch):
+    """Registering a Preset is all it takes: the chains use its intensity, options and foreground."""
+    from monai.transforms import ScaleIntensityd
+
+    monkeypatch.setitem(PRESETS, "organ", Preset(  # monkeypatch removes it again after the test
+        intensity=lambda options, key: [ScaleIntensityd(key, minv=-1.0, maxv=float(options.get("maxv", 1.0)))],
+        foreground=lambda x: x > 0.9,  # only the organ: the body (40 HU) scales to about 0.73
+        options=frozenset({"maxv"}),
+        description="test: scale to [-1, maxv], crop to the organ",
+    ))
+    item = phantom(tmp_path, affine=np.eye(4))
+    out = eval_transforms(preset="organ")(item)
+    assert tuple(out["image"].shape) == (1, 9, 9, 9)  # the organ ball's bounding box, not the body's
+    assert torch.allclose(out["image"].max(), torch.tensor(1.0)) and out["image"].min() > 0.7
+    assert out["label"].sum() == nib.load(item["label"]).get_fdata().sum()
+    assert torch.allclose(eval_transforms(preset="organ", intensity={"maxv": 2.0})(item)["image"].max(), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="unknown ORGAN intensity options"):
+        eval_transforms(preset="organ", intensity={"a_min": 0})
 
 
 def test_eval_crops_to_body_bounding_box(tmp_path):
