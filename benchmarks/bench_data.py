@@ -27,7 +27,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.utils import set_determinism
 
 from pipeline.data import load_datalist
-from pipeline.demo import SETS, write_demo_data
+from pipeline.demo_data import SETS, write_demo_data
 from pipeline.transforms import train_transforms
 
 DATA_LISTS = Path(__file__).resolve().parents[1] / "data_lists"

@@ -6,7 +6,7 @@ average) and prune the deep-supervised UNet++ to L1..L4 at inference (Fig. 4: L3
 faster than L4 for about 0.6 IoU points). This script runs the same comparison, under one budget for
 every model (same steps, optimizer, schedule, augmentation, data order and seeds), on:
 
-* ``mni_2d`` / ``mni_3d``: the real MNI152 T1 shipped in nilearn (``pipeline.demo``, 2 mm, 4-class
+* ``mni_2d`` / ``mni_3d``: the real MNI152 T1 shipped in nilearn (``pipeline.demo_data``, 2 mm, 4-class
   tissue label), split into **disjoint axial slabs**: training on z 0-27 and 56-93 (voxels along the
   RAS S axis), testing on z 32-51 (40 mm through the basal ganglia and lateral ventricles), with an
   8 mm gap on each side of the test slab. 2D trains on axial slices, 3D on 48x48x16 patches.
@@ -67,7 +67,7 @@ from monai.utils import set_determinism  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 
 from pipeline.data import intensity_fingerprint  # noqa: E402
-from pipeline.demo import MNI_LABEL, MNI_T1, demo_datalist, write_demo_data  # noqa: E402
+from pipeline.demo_data import MNI_LABEL, MNI_T1, demo_datalist, write_demo_data  # noqa: E402
 from pipeline.losses import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss  # noqa: E402
 from pipeline.nets import UNet, UNetPlusPlus, WideUNet  # noqa: E402
 from pipeline.transforms import eval_transforms, train_transforms  # noqa: E402

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("fire") is None:
         print("error: `python -m monai.bundle` needs the 'fire' package: pip install fire", file=sys.stderr)
         return 1
-    from pipeline.demo import write_demo_data
+    from pipeline.demo_data import write_demo_data
 
     out = Path(args.output).resolve()
     bundle = bundle_dir()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import load_datalist, validate_datalist
-from pipeline.demo import SETS, demo_data_main, demo_datalist, write_demo_data
+from pipeline import demo_data
+from pipeline.demo_data import SETS, demo_datalist, write_demo_data
 from pipeline.readers import read_volume
 from pipeline.transforms import eval_transforms, train_transforms
 
@@ -86,7 +87,7 @@ def test_mni_tissue_label_and_dicom_copy(demo_dir):
 
 
 def test_cli(tmp_path):
-    assert demo_data_main([str(tmp_path), "--sets", "synthetic_2d"]) == 0
+    assert demo_data.main([str(tmp_path), "--sets", "synthetic_2d"]) == 0
     assert (tmp_path / "synthetic_2d" / "imagesTr" / "syn2d_000.nii.gz").is_file()
     assert not (tmp_path / "synthetic_3d").exists()
     run = subprocess.run([sys.executable, "-m", "pipeline", "demo-data", str(tmp_path), "--sets", "nope"], capture_output=True)

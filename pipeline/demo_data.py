@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.readers import DataError, write_dicom_series
 
-__all__ = ["SETS", "demo_datalist", "write_demo_data", "nilearn_mni_files", "demo_data_main"]
+__all__ = ["SETS", "demo_datalist", "write_demo_data", "nilearn_mni_files", "main"]
 
 SETS = ("synthetic_3d", "synthetic_2d", "mni")
 SPLIT = {"training": 16, "validation": 4, "test": 4}
@@ -181,7 +181,7 @@ def write_demo_data(out_dir, sets=SETS, seed: int = 0) -> dict:
     return written
 
 
-def demo_data_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline demo-data OUT [--sets ...] [--seed S]``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m pipeline demo-data", description="Write the embedded demo data sets.")
     parser.add_argument("out", help="output folder (the dataset_dir for data_lists/*.json)")
