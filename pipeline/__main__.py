@@ -11,7 +11,7 @@ import sys
 
 # command -> (module, function taking argv and returning an exit code)
 COMMANDS = {
-    "demo": ("pipeline.quickstart", "main", "the main job: demo data, train, evaluate, infer"),
+    "demo": ("pipeline.demo", "main", "the main job: demo data, train, evaluate, infer"),
     "demo-data": ("pipeline.demo_data", "main", "write the embedded demo data sets and datalists"),
     "datalist": ("pipeline.data", "datalist_main", "build or validate an MSD-style datalist"),
     "segment": ("pipeline.segment", "main", "batch-segment a folder or datalist of volumes"),

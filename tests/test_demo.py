@@ -92,3 +92,14 @@ def test_cli(tmp_path):
     assert not (tmp_path / "synthetic_3d").exists()
     run = subprocess.run([sys.executable, "-m", "pipeline", "demo-data", str(tmp_path), "--sets", "nope"], capture_output=True)
     assert run.returncode == 2 and b"invalid choice" in run.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-data"])
+def test_demo_commands_run_their_module_main(command, capsys):
+    """``python -m pipeline demo`` is pipeline/demo.py's main(argv), ``demo-data`` pipeline/demo_data.py's."""
+    from pipeline.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert f"usage: python -m pipeline {command} " in capsys.readouterr().out

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.demo_data import write_demo_data
+
 __all__ = ["BUNDLE", "bundle_dir", "bundle_command", "main"]
 
 BUNDLE = "unetpp_3d_seg"
@@ -111,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("fire") is None:
         print("error: `python -m monai.bundle` needs the 'fire' package: pip install fire", file=sys.stderr)
         return 1
-    from pipeline.demo_data import write_demo_data
 
     out = Path(args.output).resolve()
     bundle = bundle_dir()
