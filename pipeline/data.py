@@ -28,7 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.readers import DataError, read_volume, strip_image_suffix
+from pipeline.fileio import read_json
+from pipeline.readers import DataError, image_name, is_dicom_series_folder, list_images, read_volume
 
 __all__ = [
     "DataError",
@@ -45,7 +46,6 @@ __all__ = [
 
 SECTIONS = ("training", "validation", "test")
 PATH_KEYS = ("image", "label")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")  # paired names: case.nii.gz + case_seg.nii.gz
 
 
@@ -55,16 +55,12 @@ LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")  # paired names: 
 
 
 def _read_json(datalist_path: str | os.PathLike) -> dict:
-    path = Path(datalist_path)
-    if not path.is_file():
-        raise DataError(f"{path}: datalist not found")
     try:
-        content = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(content, dict):
-        raise DataError(f"{path}: expected a JSON object with 'training'/'validation'/'test' lists")
-    return content
+        return read_json(datalist_path)
+    except FileNotFoundError:
+        raise DataError(f"{datalist_path}: datalist not found") from None
+    except ValueError as err:
+        raise DataError(str(err)) from err
 
 
 def _resolve(value: str, root: str, allow_outside: bool, where: str) -> str:
@@ -346,20 +342,19 @@ def check_datalist(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_series_folder(path: Path) -> bool:
-    """A folder counts as one DICOM series when it holds files (validation reads it properly)."""
-    return path.is_dir() and any(child.is_file() and not child.name.startswith(".") for child in path.iterdir())
-
-
 def _cases(folder: Path) -> dict[str, list[Path]]:
-    """Case name -> image paths (one per channel) in ``folder``; ``_0000`` suffixes are channels."""
+    """Case name -> image paths (one per channel) in ``folder``; ``_0000`` suffixes are channels.
+
+    Images are found by :func:`pipeline.readers.list_images`, the rule batch segmentation uses too.
+    """
+    if is_dicom_series_folder(folder):
+        raise DataError(
+            f"{folder}: holds DICOM files directly; put each series in a sub-folder of its own "
+            "(the sub-folder's name is the case name)"
+        )
     cases: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        stem = path.name if _is_series_folder(path) else (strip_image_suffix(path.name, IMAGE_SUFFIXES) if path.is_file() else None)
-        if stem is None:
-            continue
+    for path in list_images(folder):
+        stem = image_name(path)
         match = re.fullmatch(r"(.+)_(\d{4})", stem)
         case, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
         cases.setdefault(case, []).append((channel, path))
@@ -409,8 +404,9 @@ def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_f
     * ``images/`` + ``labels/`` (or ``masks/``) with the same case names;
     * paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (``_label``, ``_mask``, ``_gt``).
 
-    A sub-folder of files in an images folder is a DICOM series (the case is the folder's
-    name). ``labels``, ``modality``, ``tensorImageSize`` and ``name`` come from a
+    Images are found with :func:`pipeline.readers.list_images` (the rule ``segment`` uses too):
+    volume files, and sub-folders directly holding DICOM files (by suffix or the ``DICM``
+    preamble), each one series named after its folder. ``labels``, ``modality``, ``tensorImageSize`` and ``name`` come from a
     ``dataset.json`` in ``directory`` when there is one; otherwise the classes are the
     values found in the labels (rename them in the file).
 

@@ -40,6 +40,12 @@ __all__ = [
     "read_volume",
     "is_nifti",
     "strip_image_suffix",
+    "VOLUME_SUFFIXES",
+    "DICOM_SUFFIXES",
+    "is_dicom_file",
+    "is_dicom_series_folder",
+    "list_images",
+    "image_name",
     "sitk_image_from_array",
     "write_dicom_series",
     "LPS_TO_RAS",
@@ -48,11 +54,15 @@ __all__ = [
 # Flip of the first two axes: ITK/DICOM world coordinates are LPS, NIfTI/MONAI's are RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-# Suffixes SimpleITK reads with full geometry (NIfTI only when asked explicitly).
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+# The one suffix table. Single-file volumes: found by scanning folders, one case per file.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# DICOM files (many have no suffix at all: see is_dicom_file); they make their folder a series.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# What SimpleITKReader accepts as a file (NIfTI too, when asked explicitly).
+SITK_SUFFIXES = VOLUME_SUFFIXES + DICOM_SUFFIXES
 
 
-def strip_image_suffix(name: str, suffixes: tuple) -> str | None:
+def strip_image_suffix(name: str, suffixes: tuple = VOLUME_SUFFIXES) -> str | None:
     """``name`` without the first of ``suffixes`` it ends with (case-insensitive); ``None`` if none."""
     lower = name.lower()
     for suffix in suffixes:
@@ -68,6 +78,65 @@ class DataError(ValueError):
 def is_nifti(path: str | os.PathLike) -> bool:
     name = str(path).lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+# --------------------------------------------------------------------------------------------
+# the one rule for finding images in a folder
+# --------------------------------------------------------------------------------------------
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM suffix, or the 128-byte preamble followed by ``DICM`` (exports often have no suffix).
+
+    Files with a volume suffix (``.nii.gz``, ``.nrrd``...) and hidden files are never DICOM here.
+    """
+    path = Path(path)
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+        return False
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    if strip_image_suffix(path.name) is not None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series_folder(path: str | os.PathLike) -> bool:
+    """A folder that directly holds at least one DICOM file (see :func:`is_dicom_file`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return any(child.is_file() and is_dicom_file(child) for child in sorted(path.iterdir()))
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The images directly in ``folder``, sorted: volume files and DICOM series sub-folders.
+
+    This is the one rule every part of the pipeline uses (datalist building, batch
+    segmentation): a volume file is one image; a folder that directly holds DICOM files is
+    one series image; hidden entries are skipped; anything else (a README, a thumbnail, a
+    folder of other files) is not an image. DICOM files lying directly in ``folder`` make
+    ``folder`` itself a series, so they are not listed here (see :func:`is_dicom_series_folder`).
+    """
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and strip_image_suffix(path.name) is not None:
+            found.append(path)
+        elif path.is_dir() and not path.is_symlink() and is_dicom_series_folder(path):
+            found.append(path)
+    return found
+
+
+def image_name(path: str | os.PathLike) -> str:
+    """The name of an image: a volume file's name without its suffix, or a series folder's name."""
+    path = Path(path)
+    return path.name if path.is_dir() else (strip_image_suffix(path.name) or path.stem)
 
 
 # --------------------------------------------------------------------------------------------
