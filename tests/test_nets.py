@@ -3,10 +3,19 @@
 import pytest
 import torch
 
+import pipeline.nets
 from pipeline.nets import UNet, UNetPlusPlus, WideUNet, node_order
 
 PAPER_WIDTHS = (32, 64, 128, 256, 512)
 TINY_WIDTHS = (4, 8, 16, 32, 64, 128)
+
+
+# every network pipeline.nets exports: a new one is held to the contract as soon as it is exported
+NETWORKS = [
+    cls
+    for cls in (getattr(pipeline.nets, name) for name in pipeline.nets.__all__)
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+]
 
 
 def count(module):
@@ -16,6 +25,23 @@ def count(module):
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+def test_every_paper_network_is_exported():
+    assert {UNetPlusPlus, UNet, WideUNet} <= set(NETWORKS)
+
+
+@pytest.mark.parametrize("out_channels", [1, 3])
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (13, 10)), (3, (9, 12, 10))])  # odd sizes: padded and cropped back
+@pytest.mark.parametrize("network", NETWORKS, ids=lambda cls: cls.__name__)
+def test_network_contract(network, spatial_dims, shape, out_channels):
+    """The contract in pipeline/nets/__init__.py: int attributes, one (B, out_channels, *S) tensor in eval."""
+    net = network(spatial_dims, 2, out_channels, features=(4, 8, 16), depth=2)
+    for name, value in (("spatial_dims", spatial_dims), ("in_channels", 2), ("out_channels", out_channels)):
+        assert type(getattr(net, name)) is int and getattr(net, name) == value, name
+    with torch.no_grad():
+        out = net.eval()(torch.rand(2, 2, *shape))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, out_channels, *shape)
 
 
 def test_paper_parameter_counts_2d():

@@ -47,6 +47,10 @@ class UNet(nn.Module):
         super().__init__()
         if depth < 1 or len(features) < depth + 1:
             raise ValueError(f"need depth >= 1 and depth + 1 widths, got depth={depth}, features={tuple(features)}")
+        # the network contract (pipeline/nets/__init__.py): readers of a loaded model need these
+        self.spatial_dims = int(spatial_dims)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
         self.depth = depth
         self.size_multiple = int(2**depth)
         self.features = [int(f) for f in features[: depth + 1]]

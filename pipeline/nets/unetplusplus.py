@@ -101,9 +101,9 @@ class UNetPlusPlus(nn.Module):
                 f"got {head_weights}"
             )
 
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.spatial_dims = int(spatial_dims)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
         self.features = [int(f) for f in features[: depth + 1]]
         self.depth = depth
         self.deep_supervision = deep_supervision
