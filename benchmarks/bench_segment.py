@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from monai.data import create_test_image_3d  # noqa: E402
 
 from pipeline import segment  # noqa: E402
+from pipeline.inferers import AutocastInferer  # noqa: E402
 from pipeline.losses import BCEDiceLoss, DeepSupervisionLoss  # noqa: E402
 from pipeline.nets import UNetPlusPlus  # noqa: E402
 
@@ -132,10 +133,11 @@ def weights(size: dict, args, work: Path) -> tuple[Path, dict]:
 def network_only(bundle: segment.LoadedBundle, images: list, precision: str) -> float:
     """Seconds of the bundle's inferer on already preprocessed volumes, one after the other."""
     total = 0.0
+    inferer = AutocastInferer(bundle.inferer, precision)
     for image in images:
         start = time.perf_counter()
-        with torch.no_grad(), segment._autocast(bundle.device, precision):
-            bundle.inferer(image.as_tensor().unsqueeze(0).to(bundle.device), bundle.network)
+        with torch.no_grad():
+            inferer(image.as_tensor().unsqueeze(0).to(bundle.device), bundle.network)
         total += time.perf_counter() - start
     return total
 

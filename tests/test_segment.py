@@ -439,3 +439,110 @@ def test_benchmark_quick_run_prints_its_measurements_as_json(tmp_path):
     assert 0 < report["pipeline"]["network_share_of_batch"] <= 1
     assert len(report["bf16"]["dice_bf16_vs_fp32"]) == 4 and report["bf16"]["network_speedup_fp32_over_bf16"] > 0
     assert report["memory_ct"]["peak_pss_gb_process_tree"] > 0 and report["memory_ct"]["peak_rss_gb_largest_process"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the rooms' contracts: class information from the config, writers as plug-ins, one scanning rule
+# --------------------------------------------------------------------------------------------
+
+
+def multi_class_bundle(folder: Path, network_def: dict) -> Path:
+    """A lab's 3-class bundle: the 3D bundle's configs with another network and named classes."""
+    configs = folder / "configs"
+    configs.mkdir(parents=True)
+    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    inference.update(out_channels=3, network_def=network_def, sw_roi_size=[32, 32, 32], sw_batch_size=1)
+    (configs / "inference.json").write_text(json.dumps(inference, indent=1))
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    pred.update(num_channels=3, channel_def={"0": "background", "1": "liver", "2": "tumour (softmax)"})
+    (configs / "metadata.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "network_def",
+    [
+        {"_target_": "pipeline.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": "@out_channels", "features": [4, 8, 16], "depth": 2},
+        # MONAI's own network keeps no out_channels attribute: the count must come from the config
+        {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": "@out_channels", "features": [4, 4, 8, 8, 16, 4]},
+    ],
+    ids=["UNet", "BasicUNet"],
+)
+def test_multi_class_unet_bundle_names_classes_and_measures_each(tmp_path, network_def):
+    from monai.bundle import ConfigParser
+
+    bundle = multi_class_bundle(tmp_path / "bundle", network_def)
+    torch.manual_seed(0)
+    network = ConfigParser({"out_channels": 3, "network_def": network_def}).get_parsed_content("network_def")
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    write_nifti(tmp_path / "in" / "a.nii.gz", affine=np.diag([1.2, 0.9, 1.5, 1.0]))
+
+    code = segment.main(["--bundle", str(bundle), "--checkpoint", str(tmp_path / "model.pt"), "--input", str(tmp_path / "in"),
+                         "--output", str(tmp_path / "out"), "--quiet"])
+
+    assert code == 0
+    row = summary(tmp_path / "out")["a"]
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "a_seg.nii.gz")).dataobj)
+    assert set(np.unique(mask)) <= {0, 1, 2} and mask.max() >= 1
+    voxel_ml = 1.2 * 0.9 * 1.5 / 1000
+    assert row["volumes_ml"] == pytest.approx({"liver": (mask == 1).sum() * voxel_ml, "tumour": (mask == 2).sum() * voxel_ml}, abs=1e-3)
+    header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["volume_ml_liver", "volume_ml_tumour"]
+
+
+def test_a_registered_writer_is_a_format_with_its_own_outputs_and_summary_column(tmp_path, checkpoint):
+    from pipeline.segment import writers
+
+    calls = []
+
+    class VolumeText(writers.OutputWriter):
+        """Writes each case's voxel count per class as text."""
+
+        name, key, suffix, folder = "counts", "counts", "_counts.txt", "counts"
+
+        def write(self, prediction, path):
+            calls.append(prediction.case.case_id)
+            path.write_text(json.dumps({int(k): int((prediction.mask == k).sum()) for k in np.unique(prediction.mask)}))
+
+    writers.register_writer(VolumeText)
+    try:
+        write_nifti(tmp_path / "in" / "a.nii.gz", seed=1)
+        write_nifti(tmp_path / "in" / "b.nii.gz", seed=2)
+        output = tmp_path / "out"
+        assert run(checkpoint, tmp_path / "in", output, "--format", "counts") == 0
+        assert calls == ["a", "b"]
+        rows = summary(output)
+        for case_id in ("a", "b"):
+            mask = np.asarray(nib.load(str(output / f"{case_id}_seg.nii.gz")).dataobj)
+            counts = json.loads((output / "counts" / f"{case_id}_counts.txt").read_text())
+            assert counts.get("1", 0) == int(mask.sum())
+            assert rows[case_id]["outputs"]["counts"]["path"] == f"counts/{case_id}_counts.txt"
+        assert "counts" in (output / "summary.csv").read_text().splitlines()[0].split(",")
+        # A rerun checks the new output like any other: deleting it redoes nothing silently.
+        (output / "counts" / "a_counts.txt").unlink()
+        assert run(checkpoint, tmp_path / "in", output, "--format", "counts") == 0
+        assert calls == ["a", "b", "a"] and summary(output)["b"]["status"] == "existing"
+    finally:
+        del writers.WRITERS["counts"]
+
+
+def test_datalist_build_and_segment_find_the_same_cases_in_a_folder(tmp_path):
+    from pipeline.data import build_datalist
+
+    images = tmp_path / "images"
+    write_nifti(images / "a.nii.gz")
+    sitk.WriteImage(sitk_image_from_array(blobs(), np.eye(4)), str(images / "b.nrrd"))
+    write_series(images / "c_series")
+    no_suffix = write_series(images / "d_exported")
+    for path in sorted(no_suffix.glob("*.dcm")):  # PACS exports: IM000001 without a suffix
+        path.rename(no_suffix / f"IM{path.stem[-4:]}")
+    (images / "e_notes").mkdir()
+    (images / "e_notes" / "README.txt").write_text("a folder of other files is not a series")
+    (images / "f.txt").write_text("not an image")
+
+    from_build = build_datalist(tmp_path)["test"]
+    from_segment = segment.discover_cases(images)
+
+    built = sorted(entry["image"].removeprefix("images/") for entry in from_build)
+    assert built == sorted(case.source for case in from_segment) == ["a.nii.gz", "b.nrrd", "c_series/", "d_exported/"]

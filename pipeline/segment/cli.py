@@ -1,0 +1,201 @@
+"""``python -m pipeline segment``: options, checks that fail fast (exit 2), the batch, the summary."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pipeline.fileio import atomic_write_text
+from pipeline.inferers import PRECISIONS, check_precision
+from pipeline.readers import DataError
+from pipeline.segment import dist
+from pipeline.segment.bundle import LoadedBundle, load_bundle, parse_override
+from pipeline.segment.cases import assign_case_ids, cases_from_datalist, discover_cases, shard
+from pipeline.segment.records import RECORDS_DIR, collect_rows, write_summary
+from pipeline.segment.run import SegmentOptions, root_cause, run_segmentation
+from pipeline.segment.writers import WRITERS, writers_for
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline segment",
+        description="Batch-segment a folder (NIfTI/NRRD/MHA files, DICOM series folders) or a datalist with a MONAI bundle.",
+        epilog="Exit code: 0 all cases done, 1 some case failed (see OUT/summary.csv), 2 usage or setup error.",
+    )
+    parser.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/unetpp_3d_seg")
+    parser.add_argument("--input", required=True, help="input folder (searched recursively), a datalist .json, or one image file")
+    parser.add_argument("--output", required=True, help="output folder (nothing is written outside it)")
+    parser.add_argument("--config", nargs="+", default=["configs/inference.json"], help="bundle config file(s), later ones override")
+    parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
+                        help="config override as for `monai.bundle run`, e.g. network_def#features=[8,16,32] (repeatable)")
+    parser.add_argument("--checkpoint", default=None, help="weights (state_dict); default: the bundle's ckpt_path / models/model.pt")
+    parser.add_argument("--section", default="test", help="datalist section to segment (default: test)")
+    parser.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="datalist paths root (default: its folder)")
+    parser.add_argument("--mode", choices=("accurate", "fast"), default=None, help="UNet++ eval mode (default: the bundle's)")
+    parser.add_argument("--prune-level", type=int, default=None, help="fast mode: compute nodes X(i,j) with i+j <= K only")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the bundle's; under torchrun cuda means cuda:LOCAL_RANK)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype for the network (fp16: CUDA only)")
+    formats = "; ".join(f"{name}: {cls.help}" for name, cls in WRITERS.items())
+    parser.add_argument("--format", dest="formats", action="append", default=[], choices=list(WRITERS), metavar="FORMAT",
+                        help=f"an output to write besides the NIfTI mask (repeatable): {formats}")
+    parser.add_argument("--qa-png", dest="formats", action="append_const", const="qa-png", help="short for --format qa-png")
+    parser.add_argument("--overwrite", action="store_true", help="redo every case and replace existing outputs")
+    parser.add_argument("--workers", type=int, default=1, help="background reader processes (0: read in the main process)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar; one log line per case")
+    parser.add_argument("--dist-timeout", type=float, default=24 * 3600,
+                        help="torchrun: seconds rank 0 waits for the other ranks to finish their shares")
+    return parser
+
+
+def _settings(args, bundle: LoadedBundle, overrides: dict) -> dict:
+    """What makes two runs' masks comparable (stored in each record, checked on resume)."""
+    return {
+        "bundle": os.path.basename(os.path.normpath(args.bundle)),
+        "config": list(args.config),
+        "checkpoint_sha256": bundle.checkpoint_sha256,
+        "overrides": {k: overrides[k] for k in sorted(overrides)},
+        "precision": args.precision,
+    }
+
+
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _overrides(args) -> dict:
+    """``--override`` items plus ``--mode``/``--prune-level`` as config overrides; ValueError on misuse."""
+    overrides = dict(parse_override(text) for text in args.override)
+    if args.prune_level is not None and args.mode != "fast":
+        raise ValueError("--prune-level needs --mode fast")
+    if args.mode is not None:
+        overrides["network_def#mode"] = args.mode
+    if args.prune_level is not None:
+        overrides["network_def#prune_level"] = args.prune_level
+    return overrides
+
+
+def _device(name: str | None, world_size: int, local_rank: int) -> str | None:
+    """``--device`` checked; under torchrun a bare ``cuda`` becomes this rank's GPU. ValueError if unusable."""
+    if name is None:
+        return None
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if world_size > 1 and resolved.index is None:
+            return f"cuda:{local_rank}"
+    return name
+
+
+def _find_cases(input_path: Path, out: Path, args) -> list:
+    if input_path.is_file() and input_path.suffix.lower() == ".json":
+        return cases_from_datalist(input_path, args.dataset_dir, args.section)
+    if input_path.is_file():
+        return assign_case_ids([(str(input_path), input_path.name, False)])
+    return discover_cases(input_path, exclude=[out])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline segment ...``; returns the exit code (0 ok, 1 some case failed, 2 usage/setup)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    rank, world_size, local_rank = dist.dist_env()
+    try:
+        overrides = _overrides(args)
+        if args.workers < 0:
+            raise ValueError("--workers must be >= 0")
+        device = _device(args.device, world_size, local_rank)
+        for writer in writers_for(args.formats):
+            writer.check_available()
+    except (ValueError, ImportError) as err:
+        return _usage_error(str(err))
+    input_path, out = Path(args.input), Path(args.output).absolute()
+    if not input_path.exists():
+        return _usage_error(f"--input {input_path}: not found")
+    if out.exists() and not out.is_dir():
+        return _usage_error(f"--output {out}: exists and is not a folder")
+    try:
+        bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device)
+    except Exception as err:  # noqa: BLE001 - any setup problem is one clear line
+        return _usage_error(f"cannot load bundle {args.bundle}: {root_cause(err)}")
+    try:
+        check_precision(args.precision, bundle.device)
+        distributed = dist.init_dist(world_size)
+    except (ValueError, RuntimeError) as err:
+        return _usage_error(str(err))
+    try:
+        return _run(args, bundle, overrides, input_path, out, rank, world_size, distributed)
+    finally:
+        if distributed:
+            dist.destroy()
+
+
+def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Path, rank: int, world_size: int, distributed: bool) -> int:
+    cases = None
+    if rank == 0:
+        try:
+            cases = _find_cases(input_path, out, args)
+        except DataError as err:
+            cases = str(err)
+    cases = dist.broadcast(cases, distributed)
+    if isinstance(cases, str):
+        return _usage_error(cases)
+    if not cases:
+        return _usage_error(f"no images found under {input_path} (NIfTI/NRRD/MHA files or DICOM series folders)")
+    run_id = dist.broadcast(f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}", distributed)
+    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    options = SegmentOptions(
+        output=out,
+        overwrite=args.overwrite,
+        formats=tuple(args.formats),
+        precision=args.precision,
+        workers=args.workers,
+        quiet=args.quiet,
+        rank=rank,
+        world_size=world_size,
+    )
+    settings = _settings(args, bundle, overrides)
+    mine = shard(cases, rank, world_size)
+    all_stats: list = [run_segmentation(mine, bundle, options, settings, run_id)]
+    if distributed:
+        atomic_write_text(dist.rank_done_path(out, run_id, rank), json.dumps(all_stats[0]) + "\n")
+        dist.destroy()
+        if rank != 0:  # rank 0 writes the summary; each rank's exit code covers its own share
+            own = collect_rows(mine, out, run_id)
+            return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in own) else EXIT_OK
+        all_stats = dist.wait_for_ranks(out, run_id, world_size, args.dist_timeout)
+    finished = [s for s in all_stats if s]
+    rows = collect_rows(cases, out, run_id)
+    batch = {
+        "run_id": run_id,
+        "world_size": world_size,
+        "device": str(bundle.device),
+        "precision": args.precision,
+        "settings": settings,
+        "wall_s": round(max(s["wall_s"] for s in finished), 3),
+        "network_s": round(sum(s["network_s"] for s in finished), 3),
+        "input_wait_s": round(sum(s["input_wait_s"] for s in finished), 3),
+        "per_rank": all_stats,
+    }
+    write_summary(rows, out, bundle.class_names, batch)
+    for writer in writers_for(options.formats):
+        writer.finish(rows, out)
+    statuses = [row["status"] for row in rows]
+    counts = ", ".join(f"{statuses.count(k)} {k}" for k in sorted(set(statuses)))
+    print(f"segment: {len(rows)} cases ({counts}); summary in {out / 'summary.csv'}", file=sys.stderr)
+    return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in rows) else EXIT_OK

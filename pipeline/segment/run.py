@@ -1,0 +1,334 @@
+"""The batch: read and preprocess in background processes, run the network, write in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.fileio import fsync_file, remove_stale_tmp, tmp_path_for
+from pipeline.inferers import AutocastInferer
+from pipeline.readers import DataError
+from pipeline.segment.bundle import LoadedBundle
+from pipeline.segment.cases import Case
+from pipeline.segment.records import base_row, input_fingerprint, output_paths, plan_case, write_failure, write_record
+from pipeline.segment.writers import Prediction, writers_for
+
+__all__ = ["SegmentOptions", "root_cause", "run_segmentation"]
+
+MAX_WRITES_IN_FLIGHT = 2  # predictions waiting for the writer thread (bounds memory)
+
+
+@dataclasses.dataclass
+class SegmentOptions:
+    """Run options (the command line's, minus the model).
+
+    ``formats``: extra outputs by writer name (``dicom-seg``, ``qa-png``); the NIfTI mask is always written.
+    """
+
+    output: Path
+    overwrite: bool = False
+    formats: Sequence[str] = ()
+    precision: str = "fp32"
+    workers: int = 1
+    quiet: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error worth showing: MONAI wraps transform errors ("applying transform ..."), so take
+    the first :class:`DataError` in the chain (it names the file), else the innermost error."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return next((e for e in chain if isinstance(e, DataError)), chain[-1])
+
+
+def _reason(stage: str, err: BaseException) -> str:
+    root = root_cause(err)
+    message = str(root).strip().splitlines()
+    text = message[0] if message else ""
+    if isinstance(root, DataError):
+        return f"{stage}: {text}"
+    return f"{stage}: {type(root).__name__}: {text}"
+
+
+class _PreprocessedCases(torch.utils.data.Dataset):
+    """Loads and preprocesses a case; errors come back as data so one bad case never stops the loader."""
+
+    def __init__(self, cases: Sequence[Case], preprocessing, spatial_dims: int | None, in_channels: int | None):
+        self.cases = list(cases)
+        self.preprocessing = preprocessing
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        start = time.perf_counter()
+        try:
+            data = self.preprocessing({"image": case.image})
+            self._check(case, data["image"])
+        except Exception as err:  # noqa: BLE001 - any failure of one case is reported, not raised
+            return {"index": index, "error": _reason("read", err), "read_s": time.perf_counter() - start}
+        return {"index": index, "data": data, "error": None, "read_s": time.perf_counter() - start}
+
+    def _check(self, case: Case, image) -> None:
+        meta = getattr(image, "meta", {})
+        rank = len(np.atleast_1d(np.asarray(meta.get("spatial_shape", image.shape[1:]))))
+        if self.spatial_dims == 3 and rank < 3:
+            raise DataError(f"{case.first_path}: a {rank}D image, but the bundle's network is 3D (use a 2D bundle)")
+        if self.in_channels is not None and image.shape[0] != self.in_channels:
+            raise DataError(
+                f"{case.first_path}: {image.shape[0]} channels after loading (a 4D volume?), "
+                f"the network expects {self.in_channels}"
+            )
+
+
+def _passthrough(item):
+    return item
+
+
+class _Progress:
+    """tqdm bar with ETA (rank 0, not --quiet), or one log line per case."""
+
+    def __init__(self, total: int, initial: int, options: SegmentOptions):
+        self.options = options
+        self.total = total
+        self.count = initial
+        self.bar = None
+        if not options.quiet and options.rank == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="case", desc="segment", dynamic_ncols=True)
+
+    def log(self, message: str) -> None:
+        prefix = f"[rank {self.options.rank}] " if self.options.world_size > 1 else ""
+        if self.bar is not None:
+            self.bar.write(prefix + message, file=sys.stderr)
+        else:
+            print(prefix + message, file=sys.stderr, flush=True)
+
+    def case_finished(self, row: dict) -> None:
+        self.count += 1
+        if row["status"] == "failed":
+            self.log(f"{row['case_id']}: FAILED: {row['reason']}")
+        elif self.bar is None and (self.options.quiet or self.options.rank != 0):
+            timing = row.get("timings", {})
+            self.log(
+                f"[{self.count}/{self.total}] {row['case_id']}: done "
+                f"(read {timing.get('read_s', 0):.2f} s, network {timing.get('infer_s', 0):.2f} s, write {timing.get('write_s', 0):.2f} s)"
+            )
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def mask_on_input_grid(bundle: LoadedBundle, data: dict, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Postprocess ``logits`` ``(C, *spatial)`` back onto the input's grid.
+
+    Returns ``(mask, affine)``: class values with exactly the input's shape (uint8, or uint16
+    for more than 255 classes) and the input's 4x4 affine. Raises when the bundle's
+    postprocessing does not invert to the input grid.
+    """
+    image = data["image"]
+    affine = np.asarray(image.meta["original_affine"], dtype=float)
+    shape = tuple(int(s) for s in np.atleast_1d(np.asarray(image.meta["spatial_shape"])))
+    pred = bundle.postprocessing({**data, "pred": logits})["pred"]
+    mask = torch.as_tensor(pred).detach().cpu().numpy()
+    if mask.ndim == len(shape) + 1:
+        mask = mask[0]
+    if tuple(mask.shape) != shape:
+        raise RuntimeError(f"inverted mask has shape {mask.shape}, the input {shape} (postprocessing must invert to the input grid)")
+    inverted_affine = getattr(pred, "affine", None)
+    if inverted_affine is not None and not np.allclose(np.asarray(inverted_affine, dtype=float), affine, atol=1e-3):
+        raise RuntimeError("inverted mask's affine differs from the input's (postprocessing must invert to the input grid)")
+    return np.rint(mask).astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16), affine
+
+
+class _CaseWriter:
+    """Turns one case's logits into its outputs and record (runs in the writer thread)."""
+
+    def __init__(self, bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str):
+        self.bundle = bundle
+        self.options = options
+        self.settings = settings
+        self.run_id = run_id
+        self.out = options.output
+        self.writers = writers_for(options.formats)
+
+    def __call__(self, case: Case, data: dict, logits: torch.Tensor, timings: dict) -> dict:
+        start = time.perf_counter()
+        try:
+            return self._write(case, data, logits, timings, start)
+        except Exception as err:  # noqa: BLE001 - reported per case
+            timings["write_s"] = time.perf_counter() - start
+            return self.fail(case, _reason("write", err), timings, detail=traceback.format_exc())
+
+    def _write(self, case: Case, data: dict, logits: torch.Tensor, timings: dict, start: float) -> dict:
+        mask, affine = mask_on_input_grid(self.bundle, data, logits)
+        prediction = Prediction(case, mask, affine, self.bundle.class_names)
+        writers = [w for w in self.writers if w.applies_to(case)]
+        finals = output_paths(self.out, case, writers)
+        temps = {key: tmp_path_for(path) for key, path in finals.items()}
+        for path in finals.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(path)
+        try:
+            for writer in writers:
+                writer.write(prediction, temps[writer.key])
+            for temp in temps.values():
+                fsync_file(temp)
+            voxel_ml = float(abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+            counts = np.bincount(mask.ravel(), minlength=max(self.bundle.class_names, default=1) + 1)
+            timings["write_s"] = time.perf_counter() - start
+            row = base_row(case, "done", "", self.run_id, self.options.rank, timings)
+            row.update(
+                shape=list(mask.shape),
+                spacing_mm=[round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)][: mask.ndim],
+                volumes_ml={name: round(float(counts[n]) * voxel_ml, 4) for n, name in sorted(self.bundle.class_names.items())},
+                input_fingerprint=input_fingerprint(case.image),
+                settings=self.settings,
+            )
+            notes = [w.not_applicable(case) for w in self.writers if not w.applies_to(case)]
+            if notes:
+                row["notes"] = "; ".join(notes)
+            return write_record(self.out, row, finals, temps, self.options.overwrite)
+        finally:
+            for temp in temps.values():
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+
+    def fail(self, case: Case, reason: str, timings: dict | None = None, detail: str = "") -> dict:
+        row = base_row(case, "failed", reason, self.run_id, self.options.rank, timings)
+        if detail:
+            row["traceback"] = detail
+        return write_failure(self.out, row)
+
+
+def _loader(dataset: _PreprocessedCases, first: int, workers: int, isolated: bool):
+    """An iterator over ``dataset[first:]``; ``isolated``: one worker holding one case at a time."""
+    subset = torch.utils.data.Subset(dataset, range(first, len(dataset)))
+    workers = min(workers, 1) if isolated else workers
+    loader = torch.utils.data.DataLoader(
+        subset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_passthrough,
+        prefetch_factor=(1 if isolated else 2) if workers > 0 else None,
+    )
+    # PyTorch's SIGCHLD handler raises "DataLoader worker ... exited" in the main thread
+    # wherever it happens to be (in the network, in the middle of another case), which would
+    # blame the wrong case. Without it, a dead reader is reported by the next `next()`.
+    in_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD")
+    previous = signal.getsignal(signal.SIGCHLD) if in_main else None
+    iterator = iter(loader)
+    if in_main and previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
+    return iterator
+
+
+def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str) -> dict:
+    """Segment this rank's ``cases``: plan (skip finished ones), read in background, infer, write in background.
+
+    Returns batch statistics (``wall_s``, ``network_s``, ``input_wait_s``, counts). Per-case
+    results are in ``OUT/records``.
+    """
+    writer = _CaseWriter(bundle, options, settings, run_id)
+    todo, existing, rows = [], 0, []
+    for case in cases:
+        decision, reason = plan_case(case, options.output, writer.writers, settings, options.overwrite)
+        if decision == "existing":
+            existing += 1
+        elif decision == "failed":
+            rows.append(writer.fail(case, f"skip: {reason}"))
+        else:
+            todo.append(case)
+    progress = _Progress(len(cases), existing + len(rows), options)
+    for row in rows:
+        progress.log(f"{row['case_id']}: FAILED: {row['reason']}")
+    stats = {"cases": len(cases), "existing": existing, "planned_failures": len(rows), "todo": len(todo)}
+    start = time.perf_counter()
+    network_s = wait_s = 0.0
+    dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels)
+    inferer = AutocastInferer(bundle.inferer, options.precision)
+    pending: deque[Future] = deque()
+
+    def harvest(limit: int) -> None:
+        """Report finished writes; block while more than ``limit`` are pending."""
+        while pending and (pending[0].done() or len(pending) > limit):
+            progress.case_finished(pending.popleft().result())
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
+        iterator, expected, isolated = _loader(dataset, 0, options.workers, False), 0, False
+        while True:
+            tick = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except RuntimeError as err:
+                if options.workers == 0 or "DataLoader worker" not in str(err) or expected >= len(todo):
+                    raise
+                # A reader process died (a segfault in a DICOM decoder, killed for memory...). With
+                # prefetching it may have held several cases, and results it had queued die with it,
+                # so go on from the next expected case with one reader holding one case at a time:
+                # if it dies again, that case is the culprit (a transient failure just passes).
+                wait_s += time.perf_counter() - tick
+                if isolated:
+                    reason = f"read: the reader process died on this case ({str(err).splitlines()[0]})"
+                    progress.case_finished(writer.fail(todo[expected], reason))
+                    expected += 1
+                else:
+                    progress.log("a reader process died; going on with one reader, one case at a time")
+                    isolated = True
+                iterator = _loader(dataset, expected, options.workers, True)
+                continue
+            wait_s += time.perf_counter() - tick
+            expected = item["index"] + 1
+            case = todo[item["index"]]
+            timings = {"read_s": item["read_s"]}
+            if item["error"] is not None:
+                progress.case_finished(writer.fail(case, item["error"], timings))
+                continue
+            data = item["data"]
+            tick = time.perf_counter()
+            try:
+                # A plain tensor: MetaTensor's per-op bookkeeping slows the network down (2x on small
+                # networks) and Invertd only needs the trace kept on data["image"].
+                batch = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).to(bundle.device)
+                with torch.no_grad():
+                    logits = inferer(batch, bundle.network)
+                del batch
+                logits = logits[0].float().cpu()
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory on one huge case
+                timings["infer_s"] = time.perf_counter() - tick
+                progress.case_finished(writer.fail(case, _reason("network", err), timings, detail=traceback.format_exc()))
+                continue
+            timings["infer_s"] = time.perf_counter() - tick
+            network_s += timings["infer_s"]
+            pending.append(pool.submit(writer, case, data, logits, timings))
+            del data, logits, item
+            harvest(MAX_WRITES_IN_FLIGHT)
+        harvest(0)
+    progress.close()
+    stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s)
+    return stats
