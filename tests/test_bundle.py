@@ -22,7 +22,7 @@ TINY = ["--network_def#features", "[4,8,16,32]", "--network_def#depth", "3"]
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Demo data with a few cases per split, as overrides: {bundle: {"dataset_dir": ..., "datalist": ...}}."""
-    from pipeline.demo import write_demo_data
+    from pipeline.demo_data import write_demo_data
 
     root = tmp_path_factory.mktemp("data")
     write_demo_data(root, sets=("synthetic_3d", "synthetic_2d"))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.demo import write_demo_data
+from pipeline.demo_data import write_demo_data
 from pipeline.nets import UNetPlusPlus
 
 pytestmark = pytest.mark.slow

@@ -1,71 +1,58 @@
-"""Small parts the bundle configs call where MONAI has no ready one.
+"""Ignite/MONAI handlers the bundle configs use where MONAI has no ready one.
 
 Everything else in ``bundles/*/configs`` is plain MONAI (``SupervisedTrainer``,
-``SupervisedEvaluator``, ``SlidingWindowInferer``, ``ValidationHandler``, ...). What is here:
+``SupervisedEvaluator``, ``ValidationHandler``, ``StatsHandler``, ...). Each class here is a
+MONAI-style handler (``attach(engine)``):
 
-* :func:`bundle_root` -- the bundle folder of the config being run, so a bundle works from any
-  current directory (``python -m monai.bundle run --config_file bundles/<b>/configs/train.json``
-  from the repository root as well as ``--config_file configs/train.json`` inside the bundle).
-* :func:`atomic_save`, :class:`BestModelSaver`, :class:`ResumableCheckpoint` -- checkpoints that
-  survive a ``SIGKILL`` at any moment. MONAI's ``CheckpointSaver`` builds ignite's ``DiskSaver`` with
-  ``atomic=False`` and ignite's ``Checkpoint`` deletes the previous file *before* writing the next one,
-  so a kill during a save can leave ``model.pt`` truncated or no checkpoint at all. Here the new file
-  is written beside the old one and renamed over it (``os.replace``), and the training state
-  (epoch, iteration, model, optimizer, scheduler, AMP scaler, best metric, early-stopping counter)
-  is one file, ``latest.pt``, that training resumes from.
-* :func:`load_weights` / :class:`WeightsLoader` -- ``weights_only=True`` loading with an error that
-  says which architecture the checkpoint does not fit.
+* :class:`ResumableCheckpoint`, :class:`BestModelSaver` -- checkpoints that survive a ``SIGKILL``
+  at any moment. MONAI's ``CheckpointSaver`` builds ignite's ``DiskSaver`` with ``atomic=False``
+  and ignite's ``Checkpoint`` deletes the previous file *before* writing the next one, so a kill
+  during a save can leave ``model.pt`` truncated or no checkpoint at all. Here every file is
+  written with :func:`pipeline.fileio.atomic_torch_save`, and the training state (epoch,
+  iteration, model, optimizer, scheduler, AMP scaler, best metric, early-stopping counter) is one
+  file, ``latest.pt``, that training resumes from.
+* :class:`ResumableEarlyStop` -- early stopping whose counter is part of that state.
 * :class:`TrainingCurves` -- per-epoch ``training_log.csv`` and ``training_curves.png``.
-* :func:`final_head` -- the deepest (final) head of a deep-supervision output, for train metrics.
 * :class:`HausdorffDistance95` -- HD95 in millimetres (MONAI's handler cannot pass the spacing).
-* :class:`CPUAutocast` / :func:`with_cpu_autocast` -- optional bfloat16 autocast on CPU (MONAI's
-  ``amp`` is CUDA float16 only).
-* :class:`ProgressBar`, :func:`handlers_for_rank` -- a tqdm bar as a MONAI-style handler, and
-  dropping output-only handlers on DDP ranks other than 0.
+* :class:`ProgressBar`, :func:`handlers_for_rank` -- a tqdm bar, and dropping output-only
+  handlers on DDP ranks other than 0.
+
+And two helpers the configs call: :func:`bundle_root` (the bundle folder of the config being
+run) and :func:`final_head` (the final head of a deep-supervision output, for train metrics).
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
-import logging
+import io
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
 from monai.data import MetaTensor
 from monai.handlers import HausdorffDistance, StatsHandler, TensorBoardStatsHandler
-from monai.inferers import Inferer
+
+from pipeline.checkpoints import CheckpointMismatchError, check_fit, load_checkpoint, unwrap
+from pipeline.fileio import atomic_torch_save, atomic_write, atomic_write_text, remove_stale_tmp
 
 __all__ = [
     "bundle_root",
     "rank",
-    "atomic_save",
-    "CheckpointMismatchError",
-    "load_weights",
-    "WeightsLoader",
+    "final_head",
     "BestModelSaver",
+    "ResumableEarlyStop",
     "ResumableCheckpoint",
     "TrainingCurves",
-    "final_head",
     "HausdorffDistance95",
-    "CPUAutocast",
-    "with_cpu_autocast",
     "ProgressBar",
     "handlers_for_rank",
 ]
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# where the bundle is
-# --------------------------------------------------------------------------------------------
 
 
 def bundle_root(default: str | os.PathLike = ".") -> str:
@@ -98,134 +85,18 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _unwrap(module: Any) -> Any:
-    """The module inside ``DataParallel`` / ``DistributedDataParallel``."""
-    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    return module.module if isinstance(module, parallel) else module
+def final_head(pred: Any) -> Any:
+    """The final (deepest) head of a deep-supervision output, which ``UNetPlusPlus`` returns first.
+
+    For train metrics: in training mode the network returns a list of heads; a single tensor
+    (no deep supervision, or eval mode) is returned unchanged.
+    """
+    return pred[0] if isinstance(pred, (list, tuple)) else pred
 
 
 # --------------------------------------------------------------------------------------------
-# saving and loading
+# checkpoints and early stopping
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new complete file.
-
-    Writes ``.<name>.partial`` in the same folder, flushes it to disk, then renames it over ``path``
-    (``os.replace`` is atomic on POSIX and Windows). A process killed mid-save leaves at most a stale
-    ``.partial`` file, which the next save overwrites.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with open(partial, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    return path
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's tensors do not fit the network built from ``network_def``."""
-
-
-def _describe(module: torch.nn.Module) -> str:
-    """``UNetPlusPlus(spatial_dims=3, in_channels=1, ...)`` from the attributes the network keeps."""
-    names = ("spatial_dims", "in_channels", "out_channels", "features", "depth", "deep_supervision")
-    found = [f"{name}={getattr(module, name)}" for name in names if hasattr(module, name)]
-    return f"{type(module).__name__}({', '.join(found)})"
-
-
-def _torch_load(path: Path, map_location: Any = "cpu") -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointMismatchError(
-            f"{path}: not loadable with weights_only=True ({err}); only plain state_dicts "
-            "(tensors, numbers, strings, lists, dicts) are accepted"
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-
-
-def _check_fit(state: Mapping[str, Any], module: torch.nn.Module, source: str) -> None:
-    expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: {tuple(state[key].shape)} in the checkpoint vs {tuple(value.shape)} in the network"
-        for key, value in expected.items()
-        if key in state and torch.is_tensor(state[key]) and tuple(state[key].shape) != tuple(value.shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    if mismatched:
-        parts.append(f"{len(mismatched)} tensors differ in shape (e.g. {mismatched[0]})")
-    if missing:
-        parts.append(f"{len(missing)} network tensors are missing from it (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} of its tensors are not in the network (e.g. {unexpected[0]})")
-    raise CheckpointMismatchError(
-        f"{source} does not fit the network {_describe(module)}: {'; '.join(parts)}. "
-        "It was trained with another architecture: use the same network_def settings as for training "
-        "(e.g. --network_def#features, --network_def#depth, --out_channels)."
-    )
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
-    """Load a state_dict file (``models/model.pt``) into ``network`` with ``weights_only=True``.
-
-    Also accepts a training checkpoint (``latest.pt``: the weights are under ``"model"``). Raises
-    :class:`CheckpointMismatchError` naming the network's architecture and the first differing
-    tensor when the checkpoint was trained with another one; ``FileNotFoundError`` when absent.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no trained weights; train the bundle first (it writes models/model.pt) or pass --ckpt_path"
-        )
-    state = _torch_load(path, map_location)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    module = _unwrap(network)
-    _check_fit(state, module, str(path))
-    module.load_state_dict(state)
-    return network
-
-
-class WeightsLoader:
-    """Handler: load ``load_path`` into ``network`` when the engine starts (see :func:`load_weights`).
-
-    The clear-error counterpart of MONAI's ``CheckpointLoader`` for evaluation and inference.
-    """
-
-    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: Any = None):
-        self.load_path = Path(load_path)
-        self.network = network
-        self.map_location = map_location
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        location = self.map_location if self.map_location is not None else getattr(engine.state, "device", "cpu")
-        load_weights(self.network, self.load_path, location)
-        engine.logger.info(f"Loaded network weights from {self.load_path}")
 
 
 class BestModelSaver:
@@ -247,7 +118,8 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if rank() != 0 or engine.state.best_metric_epoch != engine.state.epoch:
             return
-        atomic_save(_unwrap(self.network).state_dict(), self.path)
+        remove_stale_tmp(self.path)
+        atomic_torch_save(unwrap(self.network).state_dict(), self.path)
         name = getattr(engine.state, "key_metric_name", "key metric")
         engine.logger.info(f"New best {name} {engine.state.best_metric:.4f} at epoch {engine.state.epoch}: saved {self.path}")
 
@@ -269,24 +141,50 @@ class _BestMetricState:
         self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
 
 
-class _EarlyStopState:
-    """state_dict view of MONAI's ``EarlyStopHandler`` (its ignite ``EarlyStopping`` counter and best score)."""
+class ResumableEarlyStop:
+    """Evaluator handler: stop the trainer after ``patience`` validations without a better score.
 
-    def __init__(self, early_stop: Any):
-        self.early_stop = early_stop
+    ignite's ``EarlyStopping`` does the counting (a score counts as better when it is higher); this
+    handler creates and owns it, attaches like a MONAI handler (after every evaluator run) and
+    exposes its counter and best score as a public ``state_dict``, so that
+    :class:`ResumableCheckpoint` keeps them across restarts (MONAI's ``EarlyStopHandler`` keeps its
+    ignite handler private). The trainer is known only after the evaluator is built (the trainer
+    runs the evaluator), hence :meth:`set_trainer`, called from the config's ``initialize``.
 
-    def _stopper(self):
-        stopper = getattr(self.early_stop, "_handler", self.early_stop)
-        if stopper is None or not hasattr(stopper, "state_dict"):
+    Args:
+        patience: validations without improvement before the trainer is stopped.
+        score_function: ``evaluator -> float``, e.g. ``lambda e: e.state.metrics["val_mean_dice"]``.
+        trainer: the engine to stop, or ``None`` and :meth:`set_trainer` before the run.
+    """
+
+    def __init__(self, patience: int, score_function: Callable[[Engine], float], trainer: Engine | None = None):
+        self.patience = patience
+        self.score_function = score_function
+        self.stopper: EarlyStopping | None = None
+        if trainer is not None:
+            self.set_trainer(trainer)
+
+    def set_trainer(self, trainer: Engine) -> None:
+        self.stopper = EarlyStopping(patience=self.patience, score_function=self.score_function, trainer=trainer)
+
+    def _require_stopper(self) -> EarlyStopping:
+        if self.stopper is None:
             raise RuntimeError("early stopping has no trainer yet: call set_trainer() in the config's 'initialize'")
-        return stopper
+        return self.stopper
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self._require_stopper()(engine)
 
     def state_dict(self) -> dict:
-        # plain Python values only, so that the checkpoint loads with weights_only=True
-        return {key: value.item() if hasattr(value, "item") else value for key, value in self._stopper().state_dict().items()}
+        """``{"counter": int, "best_score": float | None, ...}`` as plain Python values (for ``weights_only`` loading)."""
+        state = self._require_stopper().state_dict()
+        return {key: value.item() if hasattr(value, "item") else value for key, value in state.items()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._stopper().load_state_dict(dict(state))
+        self._require_stopper().load_state_dict(dict(state))
 
 
 class ResumableCheckpoint:
@@ -294,17 +192,17 @@ class ResumableCheckpoint:
 
     At the end of every ``save_interval`` epochs (attach it after ``ValidationHandler`` and
     ``LrScheduleHandler`` so that their results are included) rank 0 writes ``<save_dir>/<filename>``
-    holding ``save_dict``'s state_dicts (e.g. model, optimizer, lr_scheduler), the trainer's ignite
-    state (epoch, iteration), the AMP grad scaler, the validator's best metric and epoch, and the
-    early-stopping counter. When the trainer starts and the file exists (and ``resume`` is true),
-    every rank loads it with ``weights_only=True`` and training continues with the next epoch. The
+    holding ``save_dict``'s state_dicts (e.g. model, optimizer, lr_scheduler, early stopping), the
+    trainer's ignite state (epoch, iteration), the AMP grad scaler and the validator's best metric
+    and epoch. When the trainer starts and the file exists (and ``resume`` is true), every rank
+    loads it with ``weights_only=True`` and training continues with the next epoch. The
     ``max_epochs`` of the new run wins, so a finished run can be extended.
 
     Args:
         save_dir: folder of the checkpoint (``models/``).
-        save_dict: objects with ``state_dict``/``load_state_dict``; a DDP model is unwrapped.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler,
+            early stopping); a DDP model is unwrapped.
         validator: the ``SupervisedEvaluator`` whose best metric to keep across restarts.
-        early_stop: MONAI ``EarlyStopHandler`` whose counter to keep across restarts.
     """
 
     def __init__(
@@ -312,7 +210,6 @@ class ResumableCheckpoint:
         save_dir: str | os.PathLike,
         save_dict: Mapping[str, Any],
         validator: Engine | None = None,
-        early_stop: Any = None,
         filename: str = "latest.pt",
         save_interval: int = 1,
         resume: bool = True,
@@ -323,7 +220,6 @@ class ResumableCheckpoint:
         self.path = Path(save_dir) / filename
         self.save_dict = dict(save_dict)
         self.validator = validator
-        self.early_stop = early_stop
         self.save_interval = save_interval
         self.resume = resume
         self.map_location = map_location
@@ -334,20 +230,19 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
 
     def _objects(self, engine: Engine) -> dict:
-        objects = {key: _unwrap(value) for key, value in self.save_dict.items()}
+        objects = {key: unwrap(value) for key, value in self.save_dict.items()}
         objects["trainer"] = engine
         if getattr(engine, "scaler", None) is not None:
             objects["grad_scaler"] = engine.scaler
         if self.validator is not None:
             objects["validator"] = _BestMetricState(self.validator)
-        if self.early_stop is not None:
-            objects["early_stopping"] = _EarlyStopState(self.early_stop)
         return objects
 
     def save(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        atomic_save({key: obj.state_dict() for key, obj in self._objects(engine).items()}, self.path)
+        remove_stale_tmp(self.path)  # a save killed mid-write leaves its temporary behind
+        atomic_torch_save({key: obj.state_dict() for key, obj in self._objects(engine).items()}, self.path)
         engine.logger.info(f"Saved training state at epoch {engine.state.epoch}: {self.path}")
 
     def load(self, engine: Engine) -> None:
@@ -355,7 +250,7 @@ class ResumableCheckpoint:
             engine.logger.info(f"No training state at {self.path}: starting from scratch")
             return
         location = self.map_location if self.map_location is not None else getattr(engine.state, "device", "cpu")
-        state = _torch_load(self.path, location)
+        state = load_checkpoint(self.path, location)
         objects = self._objects(engine)
         if "grad_scaler" in objects and "grad_scaler" not in state:  # resumed on CUDA from a CPU run
             objects.pop("grad_scaler")
@@ -367,7 +262,7 @@ class ResumableCheckpoint:
             )
         for key, obj in objects.items():
             if isinstance(obj, torch.nn.Module):
-                _check_fit(state[key], obj, f"{self.path} ['{key}']")
+                check_fit(state[key], obj, f"{self.path} ['{key}']")
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         for key, obj in objects.items():
             obj.load_state_dict(state[key])
@@ -460,14 +355,13 @@ class TrainingCurves:
 
     def _write_csv(self) -> None:
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.csv_path.with_name(f".{self.csv_path.name}.partial")
-        with open(partial, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: (int(v) if k == "epoch" else v) for k, v in row.items()})
-        os.replace(partial, self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (int(v) if k == "epoch" else v) for k, v in row.items()})
+        remove_stale_tmp(self.csv_path)
+        atomic_write_text(self.csv_path, text.getvalue())
 
     def _write_png(self) -> None:
         import matplotlib
@@ -492,10 +386,11 @@ class TrainingCurves:
             if names:
                 axis.legend(fontsize=8)
         figure.tight_layout()
-        partial = self.png_path.with_name(f".{self.png_path.stem}.partial.png")
-        figure.savefig(partial, dpi=100)
-        plt.close(figure)
-        os.replace(partial, self.png_path)
+        remove_stale_tmp(self.png_path)
+        try:
+            atomic_write(self.png_path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+        finally:
+            plt.close(figure)
 
 
 def _is_number(value: Any) -> bool:
@@ -505,17 +400,8 @@ def _is_number(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# metrics, inferers, handler lists
+# metrics, progress, handler lists
 # --------------------------------------------------------------------------------------------
-
-
-def final_head(pred: Any) -> Any:
-    """The final (deepest) head of a deep-supervision output, which ``UNetPlusPlus`` returns first.
-
-    For train metrics: in training mode the network returns a list of heads; a single tensor
-    (no deep supervision) is returned unchanged.
-    """
-    return pred[0] if isinstance(pred, (list, tuple)) else pred
 
 
 class HausdorffDistance95(HausdorffDistance):
@@ -539,39 +425,6 @@ class HausdorffDistance95(HausdorffDistance):
                 # a 2D image handled as a one-slice volume keeps its 2D affine: the extra axis has size 1
                 spacing = ([float(s) for s in torch.as_tensor(label.pixdim).reshape(-1)] + [1.0] * dims)[:dims]
             self.metric_fn([pred], [label], spacing=spacing)
-
-
-class CPUAutocast(Inferer):
-    """Run ``inferer`` under ``torch.autocast("cpu", dtype)`` and return float32 outputs.
-
-    MONAI's ``amp`` covers CUDA (float16 with a grad scaler); on CPUs with bfloat16 support this
-    is the counterpart. Inputs on another device run unchanged.
-    """
-
-    def __init__(self, inferer: Inferer, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.inferer = inferer
-        self.dtype = dtype
-
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", dtype=self.dtype, enabled=inputs.device.type == "cpu"):
-            outputs = self.inferer(inputs, network, *args, **kwargs)
-        return _to_float32(outputs)
-
-
-def _to_float32(outputs: Any) -> Any:
-    if torch.is_tensor(outputs):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_to_float32(o) for o in outputs)
-    if isinstance(outputs, dict):
-        return {k: _to_float32(v) for k, v in outputs.items()}
-    return outputs
-
-
-def with_cpu_autocast(inferer: Inferer, enabled: bool) -> Inferer:
-    """``inferer`` itself, or wrapped in :class:`CPUAutocast` when ``enabled`` (the ``cpu_bf16`` option)."""
-    return CPUAutocast(inferer) if enabled else inferer
 
 
 class ProgressBar:

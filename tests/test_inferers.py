@@ -1,0 +1,69 @@
+"""AutocastInferer and check_precision: the one autocast used by the bundles and batch segmentation."""
+
+import pytest
+import torch
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+from pipeline.inferers import PRECISIONS, AutocastInferer, check_precision
+from pipeline.nets import UNetPlusPlus
+
+
+class Recorder(torch.nn.Module):
+    """A 1x1 convolution that records the autocast state and the dtype it computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        self.seen = []
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.seen.append((torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type), y.dtype))
+        return {"logits": y, "heads": [y, y], "count": torch.tensor(3)}
+
+
+def test_bf16_on_cpu_runs_the_network_under_autocast_and_returns_float32():
+    network = Recorder()
+    outputs = AutocastInferer(SimpleInferer(), "bf16")(torch.rand(1, 1, 8, 8), network)
+    assert network.seen == [(True, torch.bfloat16, torch.bfloat16)]
+    assert outputs["logits"].dtype == torch.float32
+    assert [head.dtype for head in outputs["heads"]] == [torch.float32, torch.float32]
+    assert outputs["count"].dtype == torch.int64  # integer outputs are left alone
+    assert not torch.is_autocast_enabled("cpu")  # nothing leaks out of the call
+
+
+def test_fp32_runs_the_inferer_unchanged():
+    network = Recorder()
+    outputs = AutocastInferer(SimpleInferer(), "fp32")(torch.rand(1, 1, 8, 8), network)
+    assert network.seen[0][0] is False and network.seen[0][2] == torch.float32
+    assert outputs["logits"].dtype == torch.float32
+
+
+def test_bf16_sliding_window_is_close_to_fp32():
+    net = UNetPlusPlus(2, 1, 1, features=(4, 8, 16), depth=2).eval()
+    x = torch.rand(1, 1, 40, 40)
+    window = SlidingWindowInferer(roi_size=(32, 32), overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        reference = AutocastInferer(window, "fp32")(x, net)
+        bf16 = AutocastInferer(window, "bf16")(x, net)
+    assert bf16.dtype == torch.float32 and bf16.shape == reference.shape
+    assert torch.allclose(bf16, reference, atol=0.1, rtol=0.1)
+
+
+def test_check_precision_names_what_to_use_instead():
+    assert PRECISIONS == ("fp32", "bf16", "fp16")
+    check_precision("fp32", "cpu")
+    check_precision("bf16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        check_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        check_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        AutocastInferer(SimpleInferer(), "half")
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(ValueError, match="not supported by this GPU"):
+        check_precision("bf16", "cuda:0")
+    check_precision("fp16", "cuda:0")  # the device itself is not needed to check the name
