@@ -36,7 +36,7 @@ def small_data(tmp_path_factory):
     return overrides
 
 
-def workflow(name, configs, workflow_type, small_data, tmp_path):
+def workflow(name, configs, workflow_type, small_data, tmp_path, **overrides):
     """A ConfigWorkflow of the bundle on small data with a tiny network, initialized as `monai.bundle run` does."""
     flow = ConfigWorkflow(
         config_file=[bundle_path(name, "configs", c) for c in configs],
@@ -46,6 +46,7 @@ def workflow(name, configs, workflow_type, small_data, tmp_path):
         bundle_root=str(tmp_path),
         **small_data[name],
         **{"network_def#features": [4, 8, 16], "network_def#depth": 2, "cache_rate": 0.0, "num_workers": 0},
+        **overrides,
     )
     flow.initialize()
     return flow
@@ -170,6 +171,22 @@ def test_config_workflow_properties(name, workflow_type, configs, small_data, tm
         assert len(flow.train_dataset) == 2 and flow.max_epochs > 0
     else:
         assert type(flow.evaluator).__name__ == "SupervisedEvaluator" and len(flow.dataset) == 2
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_cpu_bf16_autocasts_every_inferer_on_cpu_only(name, small_data, tmp_path):
+    train = workflow(name, ["train.json"], "train", small_data, tmp_path, cpu_bf16=True, device="$torch.device('cpu')")
+    infer = workflow(name, ["inference.json"], "infer", small_data, tmp_path, cpu_bf16=True, device="$torch.device('cpu')")
+    for inferer in (train.trainer.inferer, train.evaluator.inferer, infer.evaluator.inferer):
+        assert type(inferer).__name__ == "AutocastInferer" and inferer.precision == "bf16"
+    assert type(train.evaluator.inferer.inferer) is type(infer.parser.get_parsed_content("inferer"))
+    # on CUDA, MONAI's amp (float16) is the autocast; cpu_bf16 does not apply there
+    for config in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(bundle_path(name, "configs", config))
+        parser.update({"cpu_bf16": True, "device": "$torch.device('cuda:0')"})
+        assert parser.get_parsed_content("autocast_precision") == "fp32"
+        assert parser.get_parsed_content("amp") is True
 
 
 @pytest.mark.parametrize("name", BUNDLES)
