@@ -190,11 +190,38 @@ class _Summary:
         self.path = path
         self.spatial, self.channels = _split_channels(array.shape)
         self.affine = affine
-        self.nonfinite = int(array.size - np.count_nonzero(np.isfinite(array))) if array.dtype.kind == "f" else 0
-        self.values = None
-        if want_values:
-            finite = array[np.isfinite(array)] if self.nonfinite else array
-            self.values = np.unique(finite)
+        self.values = np.unique(array) if want_values else None  # NaN/Inf are refused by the reader
+
+
+def _summarize(path: str, is_label: bool) -> _Summary:
+    """Read one file (in a worker process: see :class:`_IsolatedReader`) and keep what validation needs."""
+    array, affine = read_volume(path)
+    return _Summary(path, array, affine, want_values=is_label)
+
+
+class _IsolatedReader:
+    """Reads files in one worker process, so a decoder that crashes (a segfault in a DICOM or image
+    library) costs one file: it is reported as a problem and the next file gets a fresh worker."""
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, path: str, is_label: bool) -> _Summary:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1)
+        try:
+            return self.pool.submit(_summarize, path, is_label).result()
+        except BrokenProcessPool:
+            self.close()
+            raise DataError(f"{path}: the reader crashed on this file (a corrupt file that breaks the decoder)") from None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
 def _grid_problems(image: _Summary, label: _Summary, tolerance: float) -> list[str]:
@@ -253,46 +280,47 @@ def validate_datalist(
 
     problems: list[str] = []
     cache: dict[str, _Summary | None] = {}
+    read = _IsolatedReader()
 
     def summary(path: str, is_label: bool) -> _Summary | None:
         if path not in cache:
             try:
-                array, affine = read_volume(path)
-                cache[path] = _Summary(path, array, affine, want_values=is_label)
+                cache[path] = read(path, is_label)
             except DataError as err:
                 problems.append(str(err))
                 cache[path] = None
         return cache[path]
 
-    for section in sections:
-        try:
-            entries = _entries(content, str(dataset_dir), section, allow_outside, name, problems)
-        except DataError as err:
-            problems.append(str(err))
-            continue
-        for entry in entries:
-            channels = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-            images = [summary(path, False) for path in channels]
-            label = summary(entry["label"], True) if "label" in entry else None
-            for image in images:
-                if image is not None:
-                    problems += _image_problems(image, dims, multi_file=len(channels) > 1)
-            first = images[0]
-            for image in images[1:]:
-                if first is not None and image is not None:
-                    problems += [f"{image.path}: channel grid differs from {first.path}: {p}" for p in _grid_problems(first, image, tolerance)]
-            if label is not None:
-                problems += _label_problems(label, labels)
-                if first is not None:
-                    problems += [f"{label.path}: label grid differs from image {first.path}: {p}" for p in _grid_problems(first, label, tolerance)]
+    try:
+        for section in sections:
+            try:
+                entries = _entries(content, str(dataset_dir), section, allow_outside, name, problems)
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            for entry in entries:
+                channels = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+                images = [summary(path, False) for path in channels]
+                label = summary(entry["label"], True) if "label" in entry else None
+                for image in images:
+                    if image is not None:
+                        problems += _image_problems(image, dims, multi_file=len(channels) > 1)
+                first = images[0]
+                for image in images[1:]:
+                    if first is not None and image is not None:
+                        problems += [f"{image.path}: channel grid differs from {first.path}: {p}" for p in _grid_problems(first, image, tolerance)]
+                if label is not None:
+                    problems += _label_problems(label, labels)
+                    if first is not None:
+                        problems += [f"{label.path}: label grid differs from image {first.path}: {p}" for p in _grid_problems(first, label, tolerance)]
+    finally:
+        read.close()
     # a file shared by several entries reports once
     return list(dict.fromkeys(problems))
 
 
 def _image_problems(image: _Summary, dims: str | None, multi_file: bool) -> list[str]:
     problems = []
-    if image.nonfinite:
-        problems.append(f"{image.path}: {image.nonfinite} NaN/inf voxels")
     if dims is not None:
         spatial, channels = _DIMS[dims]
         rank = len(image.spatial) - (1 if spatial == 2 and len(image.spatial) == 3 and image.spatial[2] == 1 else 0)
@@ -304,8 +332,6 @@ def _image_problems(image: _Summary, dims: str | None, multi_file: bool) -> list
 
 def _label_problems(label: _Summary, labels: set[int] | None) -> list[str]:
     problems = []
-    if label.nonfinite:
-        problems.append(f"{label.path}: {label.nonfinite} NaN/inf voxels in the label")
     if label.channels > 1:
         problems.append(f"{label.path}: label has {label.channels} channels; expected one map of class values")
     values = label.values

@@ -30,6 +30,8 @@ __all__ = [
     "atomic_torch_save",
     "sha256",
     "read_json",
+    "LockHeld",
+    "FolderLock",
 ]
 
 # Temporaries are hidden files named ``.tmp.<pid>.<final name>``: the suffix is kept (writers such
@@ -154,3 +156,61 @@ def read_json(path: str | os.PathLike, missing_ok: bool = False) -> dict | None:
             return None
         raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; the message names it (pid, host, since when)."""
+
+
+class FolderLock:
+    """An advisory lock on a folder: one writer at a time (``fcntl.flock`` on ``<folder>/<name>``).
+
+    The lock file holds the holder's pid, host and start time, so a refused run can say who
+    holds it. The operating system releases a ``flock`` when its process dies, however it dies,
+    so a lock left by a killed run is simply free: no stale-lock guessing. On platforms without
+    ``fcntl`` (Windows) it locks nothing. Use as a context manager::
+
+        with FolderLock(out, wait=False):
+            ...  # LockHeld raised at entry when another run holds out/.segment.lock
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = ".lock", wait: bool = False, poll_s: float = 2.0):
+        self.path = Path(folder) / name
+        self.wait = wait
+        self.poll_s = poll_s
+        self._handle = None
+
+    def __enter__(self) -> "FolderLock":
+        import datetime
+        import socket
+        import time
+
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not self.wait:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise LockHeld(f"{self.path.parent} is in use by {holder}") from None
+                time.sleep(self.poll_s)
+        handle.seek(0)
+        handle.truncate()
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing releases the flock; the file stays as the folder's marker
+            self._handle = None

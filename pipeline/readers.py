@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from monai.data import ImageReader
+from monai.data import ImageReader, NibabelReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 __all__ = [
     "DataError",
+    "check_image_size",
+    "check_claimed_size",
+    "GuardedNibabelReader",
+    "check_finite",
     "SimpleITKReader",
     "dicom_series_files",
     "read_dicom_series",
@@ -140,12 +145,175 @@ def image_name(path: str | os.PathLike) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# size guards: a header can claim anything, so check the claim before allocating
+# --------------------------------------------------------------------------------------------
+
+# Limits for one image, read from the environment so that every reader process (DataLoader
+# workers, validation workers) applies the same ones: ``segment``/``datalist validate`` set
+# them from ``--max-voxels``/``--max-gb``.
+MAX_VOXELS_ENV, MAX_GB_ENV = "PIPELINE_MAX_VOXELS", "PIPELINE_MAX_GB"
+DEFAULT_MAX_VOXELS = 2**31  # 2.1 G voxels: a 1024 x 1024 x 2048 volume
+
+
+def _available_gb() -> float | None:
+    """MemAvailable from ``/proc/meminfo`` in GB (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        return None
+    return None
+
+
+def check_claimed_size(path: str | os.PathLike, voxels: int, file_bytes: int | None = None, data_offset: int = 0) -> None:
+    """Refuse an image before reading its pixels when its header claims too much.
+
+    Args:
+        voxels: the header's claimed voxel count (all channels/frames).
+        file_bytes: for an uncompressed file, the bytes the header says its pixel data take;
+            the file must hold ``data_offset + file_bytes`` bytes (a 1 KB file claiming 13 GB
+            is refused at once instead of being allocated).
+
+    Raises:
+        DataError naming the file and the claimed size: more voxels than ``PIPELINE_MAX_VOXELS``
+        (default 2**31), more float32 gigabytes than ``PIPELINE_MAX_GB`` (default: 80 % of the
+        memory available now), or a file shorter than its header says.
+    """
+    max_voxels = int(float(os.environ.get(MAX_VOXELS_ENV) or DEFAULT_MAX_VOXELS))
+    if voxels <= 0:
+        raise DataError(f"{path}: the header claims an image with no voxels (a zero-size axis)")
+    if voxels > max_voxels:
+        raise DataError(
+            f"{path}: the header claims {voxels:,} voxels, above the limit of {max_voxels:,} "
+            "(--max-voxels; a corrupt or hostile header, or a volume to crop first)"
+        )
+    gigabytes = voxels * 4 / 1e9  # read as float32
+    limit = os.environ.get(MAX_GB_ENV)
+    available = _available_gb()
+    max_gb = float(limit) if limit else (0.8 * available if available else None)
+    if max_gb is not None and gigabytes > max_gb:
+        raise DataError(
+            f"{path}: reading it needs about {gigabytes:.1f} GB as float32, above the limit of {max_gb:.1f} GB "
+            f"({'--max-gb' if limit else '80 % of the memory available now; raise it with --max-gb'})"
+        )
+    if file_bytes is not None:
+        actual = os.path.getsize(path)
+        if actual < data_offset + file_bytes:
+            raise DataError(
+                f"{path}: truncated: the header claims {data_offset + file_bytes:,} bytes of image data, "
+                f"the file holds {actual:,}"
+            )
+
+
+def _check_nifti_size(path: str) -> None:
+    """Header-only size check of a NIfTI file (nibabel reads the header, not the pixels)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(path).header
+        shape = tuple(int(s) for s in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as err:  # nibabel raises many types for corrupt/truncated/text files
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    compressed = str(path).lower().endswith(".gz")
+    check_claimed_size(path, voxels, None if compressed else voxels * itemsize, offset)
+
+
+def _check_sitk_size(path: str) -> None:
+    """Header-only size check of a file SimpleITK reads (NRRD, MetaImage, a single DICOM file)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(f"{path}: SimpleITK cannot read it ({_first_line(err)})") from err
+    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * int(reader.GetNumberOfComponents())
+    check_claimed_size(path, voxels)
+
+
+def check_image_size(path: str | os.PathLike) -> None:
+    """The size guard for any supported file, by format (series folders are checked when listed)."""
+    path = str(path)
+    if Path(path).is_file():
+        (_check_nifti_size if is_nifti(path) else _check_sitk_size)(path)
+
+
+def check_finite(path: str | os.PathLike, array: np.ndarray) -> None:
+    """The pipeline's one policy for NaN/Inf voxels: the image is refused, naming the file and the count.
+
+    A single NaN turns a z-score (and so the whole prediction) into NaN, which thresholds to an
+    empty mask; repairing it silently would hide a damaged file. Fix or mask the voxels first.
+    """
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(f"{path}: {bad:,} NaN/Inf voxel(s) of {array.size:,}; fix or mask them before using this image")
+
+
+class GuardedNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` with the pipeline's guards: header size checked before reading,
+    NaN/Inf voxels refused (see :func:`check_image_size`, :func:`check_finite`)."""
+
+    def read(self, data, **kwargs):
+        for name in ensure_tuple(data):
+            _check_nifti_size(str(name))
+        return super().read(data, **kwargs)
+
+    def get_data(self, img):
+        array, meta = super().get_data(img)
+        check_finite(meta.get("filename_or_obj", "image"), array)
+        return array, meta
+
+
+# --------------------------------------------------------------------------------------------
 # DICOM series discovery
 # --------------------------------------------------------------------------------------------
 
 
+def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | None:
+    """Why ``path``'s native (uncompressed) PixelData cannot be the image its header describes, or None.
+
+    SimpleITK reads a file whose pixel data is cut short without a word, mostly as zeros; the
+    PixelData element's declared length and the file's real size tell. Compressed
+    (encapsulated) data is left to the decoder, whose errors are reported as read errors.
+    """
+    if "Rows" not in header or "Columns" not in header:
+        return None  # not an image
+    syntax = header.file_meta.get("TransferSyntaxUID") if "file_meta" in header else None
+    if syntax is None or syntax.is_compressed:
+        return None
+    expected = (
+        int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1) or 1)
+        * int(header.get("BitsAllocated", 16) or 16) // 8 * int(header.get("NumberOfFrames", 1) or 1)
+    )
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        handle.seek(pixel_tag_at)
+        raw = handle.read(12)
+    endian = "<" if syntax.is_little_endian else ">"
+    if len(raw) < 8 or struct.unpack(endian + "HH", raw[:4]) != (0x7FE0, 0x0010):
+        return f"no PixelData: the header describes a {header.Rows}x{header.Columns} image but the file has no pixels"
+    start = pixel_tag_at + (8 if syntax.is_implicit_VR else 12)
+    length = struct.unpack(endian + "I", raw[4:8] if syntax.is_implicit_VR else raw[8:12])[0]
+    if length == 0xFFFFFFFF:
+        return None
+    if length < expected:
+        return f"PixelData holds {length:,} bytes; Rows x Columns x samples x bits x frames needs {expected:,}"
+    if size < start + length:
+        return f"truncated: PixelData declares {length:,} bytes, the file ends after {max(size - start, 0):,}"
+    return None
+
+
 def _dicom_headers(folder: Path) -> list[tuple[str, Any]]:
-    """(file, pydicom header without pixels) for every DICOM file directly in ``folder``."""
+    """(file, pydicom header without pixels) for every DICOM file directly in ``folder``.
+
+    Raises DataError naming the file when an image file's pixel data is damaged (see
+    :func:`_pixel_data_problem`): a series with a short slice must not be read as zeros.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -154,10 +322,15 @@ def _dicom_headers(folder: Path) -> list[tuple[str, Any]]:
         if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            with open(path, "rb") as handle:
+                header = pydicom.dcmread(handle, stop_before_pixels=True)
+                pixel_tag_at = handle.tell()
+        except (InvalidDicomError, OSError, ValueError, EOFError, struct.error):
             continue  # not DICOM (a README, a thumbnail...): series folders often hold such files
         if "SeriesInstanceUID" in header:
+            problem = _pixel_data_problem(path, header, pixel_tag_at)
+            if problem:
+                raise DataError(f"{path}: {problem}")
             headers.append((str(path), header))
     return headers
 
@@ -208,6 +381,9 @@ def dicom_series_files(
         raise DataError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found: {', '.join(series)})")
     items = series[series_uid]
     first = items[0][1]
+    if "Rows" in first and "Columns" in first:
+        frames = sum(int(h.get("NumberOfFrames", 1) or 1) for _, h in items)
+        check_claimed_size(folder, int(first.Rows) * int(first.Columns) * int(first.get("SamplesPerPixel", 1) or 1) * frames)
     info = {
         "series_instance_uid": series_uid,
         "modality": str(first.get("Modality", "")),
@@ -451,6 +627,7 @@ class SimpleITKReader(ImageReader):
             return LoadedImage(image, path, info)
         if not Path(path).exists():
             raise DataError(f"{path}: file not found")
+        _check_sitk_size(path)
         try:
             image = sitk.ReadImage(path)
         except RuntimeError as err:
@@ -489,6 +666,7 @@ class SimpleITKReader(ImageReader):
                     raise DataError(f"{item.path}: grid differs from {meta['filename_or_obj']}; cannot stack as channels")
             else:
                 meta = header
+            check_finite(item.path, array)
             arrays.append(array)
         if len(arrays) == 1:
             return arrays[0], meta
@@ -521,11 +699,13 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> tuple
     if is_nifti(path):
         import nibabel as nib
 
+        _check_nifti_size(path)
         try:
             image = nib.load(path)
             array = np.asanyarray(image.dataobj)
         except Exception as err:  # nibabel raises many types for corrupt/truncated/text files
             raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+        check_finite(path, array)
         return array, np.asarray(image.affine, dtype=float)
     return _read_sitk(SimpleITKReader(series_uid=series_uid), path)
 

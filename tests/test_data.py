@@ -214,7 +214,7 @@ def test_nan_voxels(tmp_path):
         return entry
 
     problems = problems_for(tmp_path, broken)
-    assert any("imagesTr/nan.nii.gz: 2 NaN/inf voxels" in p for p in problems), problems
+    assert any("imagesTr/nan.nii.gz: 2 NaN/Inf voxel(s)" in p for p in problems), problems
 
 
 def test_4d_volume_where_3d_expected(tmp_path):

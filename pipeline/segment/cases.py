@@ -10,7 +10,11 @@ from typing import Sequence
 
 from pipeline.readers import is_dicom_series_folder, list_images, strip_image_suffix
 
-__all__ = ["Case", "sanitize", "assign_case_ids", "discover_cases", "cases_from_datalist", "shard"]
+__all__ = ["OUTPUT_MARKER", "Case", "sanitize", "assign_case_ids", "discover_cases", "cases_from_datalist", "shard"]
+
+# The lock file every segment run keeps in its output folder; it also marks the folder as
+# output, so a later run over a tree that contains it never segments the masks again.
+OUTPUT_MARKER = ".segment.lock"
 
 
 @dataclasses.dataclass
@@ -79,15 +83,19 @@ def discover_cases(root: str | os.PathLike, exclude: Sequence[str | os.PathLike]
 
     Volume files are one case each; a folder that directly holds DICOM files is one series case
     (a folder holding several series fails later with the reader's message) and its sub-folders
-    are searched too. Hidden entries, symbolic links to folders and the folders in ``exclude``
-    (e.g. an output folder inside ``root``) are skipped.
+    are searched too. Hidden entries, symbolic links to folders, the folders in ``exclude`` (the
+    output folder) and any earlier segment output folder (it holds :data:`OUTPUT_MARKER`) are
+    skipped: outputs are never inputs.
     """
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
     entries: list[tuple[str, str, bool]] = []
     if is_dicom_series_folder(root):
         entries.append((str(root) + os.sep, root.resolve().name + "/", True))
-    for folder, dirs, _ in os.walk(root):
+    for folder, dirs, files in os.walk(root):
+        if OUTPUT_MARKER in files:
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(folder) / d) not in excluded)
         for path in list_images(folder):
             if os.path.realpath(path) in excluded:

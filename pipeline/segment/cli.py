@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -13,12 +14,12 @@ from typing import Sequence
 
 import torch
 
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import FolderLock, LockHeld, atomic_write_text
 from pipeline.inferers import PRECISIONS, check_precision
-from pipeline.readers import DataError
+from pipeline.readers import MAX_GB_ENV, MAX_VOXELS_ENV, DataError
 from pipeline.segment import dist
 from pipeline.segment.bundle import LoadedBundle, load_bundle, parse_override
-from pipeline.segment.cases import assign_case_ids, cases_from_datalist, discover_cases, shard
+from pipeline.segment.cases import OUTPUT_MARKER, assign_case_ids, cases_from_datalist, discover_cases, shard
 from pipeline.segment.records import RECORDS_DIR, collect_rows, write_summary
 from pipeline.segment.run import SegmentOptions, root_cause, run_segmentation
 from pipeline.segment.writers import WRITERS, writers_for
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo every case and replace existing outputs")
     parser.add_argument("--workers", type=int, default=1, help="background reader processes (0: read in the main process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; one log line per case")
+    parser.add_argument("--wait", action="store_true", help="when another run holds OUT, wait for it instead of refusing")
+    parser.add_argument("--max-voxels", type=float, default=None,
+                        help="refuse an image whose header claims more voxels (default 2**31), before reading it")
+    parser.add_argument("--max-gb", type=float, default=None,
+                        help="refuse an image needing more float32 GB (default: 80%% of the memory available)")
     parser.add_argument("--dist-timeout", type=float, default=24 * 3600,
                         help="torchrun: seconds rank 0 waits for the other ranks to finish their shares")
     return parser
@@ -129,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"--input {input_path}: not found")
     if out.exists() and not out.is_dir():
         return _usage_error(f"--output {out}: exists and is not a folder")
+    if os.path.realpath(out) == os.path.realpath(input_path):
+        return _usage_error(f"--output {out} is the input folder: masks would mix with the images; choose another folder")
+    for name, value in ((MAX_VOXELS_ENV, args.max_voxels), (MAX_GB_ENV, args.max_gb)):
+        if value is not None:  # the environment reaches every reader process
+            os.environ[name] = str(value)
     try:
         bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device)
     except Exception as err:  # noqa: BLE001 - any setup problem is one clear line
@@ -139,18 +150,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         return _usage_error(str(err))
     try:
-        return _run(args, bundle, overrides, input_path, out, rank, world_size, distributed)
+        with contextlib.ExitStack() as held:
+            return _run(args, bundle, overrides, input_path, out, rank, world_size, distributed, held)
     finally:
         if distributed:
             dist.destroy()
 
 
-def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Path, rank: int, world_size: int, distributed: bool) -> int:
+def _lock_output(out: Path, wait: bool, held: contextlib.ExitStack) -> None:
+    """Hold ``OUT``'s lock until ``held`` closes; ValueError (a usage error) when that cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(FolderLock(out, OUTPUT_MARKER, wait=wait))
+    except LockHeld as err:
+        raise ValueError(f"{err}; wait for it to finish, pass --wait, or choose another --output") from None
+    except OSError as err:
+        raise ValueError(f"--output {out}: cannot write there ({err.strerror or err})") from None
+
+
+def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Path, rank: int, world_size: int,
+         distributed: bool, held: contextlib.ExitStack) -> int:
     cases = None
-    if rank == 0:
+    if rank == 0:  # rank 0 holds the folder's lock for the whole run and tells the others what to do
         try:
             cases = _find_cases(input_path, out, args)
-        except DataError as err:
+            if cases:
+                _lock_output(out, args.wait, held)
+        except (DataError, ValueError) as err:
             cases = str(err)
     cases = dist.broadcast(cases, distributed)
     if isinstance(cases, str):
@@ -158,7 +184,12 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
     if not cases:
         return _usage_error(f"no images found under {input_path} (NIfTI/NRRD/MHA files or DICOM series folders)")
     run_id = dist.broadcast(f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}", distributed)
-    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    problem = None
+    if rank == 0:
+        problem = _storage_problem(out, cases)
+    problem = dist.broadcast(problem, distributed)
+    if problem:
+        return _usage_error(problem)
     options = SegmentOptions(
         output=out,
         overwrite=args.overwrite,
@@ -180,7 +211,8 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
             return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in own) else EXIT_OK
         all_stats = dist.wait_for_ranks(out, run_id, world_size, args.dist_timeout)
     finished = [s for s in all_stats if s]
-    rows = collect_rows(cases, out, run_id)
+    unrecorded = {k: v for s in finished for k, v in (s.get("unrecorded") or {}).items()}
+    rows = collect_rows(cases, out, run_id, unrecorded)
     batch = {
         "run_id": run_id,
         "world_size": world_size,
@@ -190,12 +222,55 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
         "wall_s": round(max(s["wall_s"] for s in finished), 3),
         "network_s": round(sum(s["network_s"] for s in finished), 3),
         "input_wait_s": round(sum(s["input_wait_s"] for s in finished), 3),
-        "per_rank": all_stats,
+        "per_rank": [{k: v for k, v in s.items() if k != "unrecorded"} if s else s for s in all_stats],
     }
-    write_summary(rows, out, bundle.class_names, batch)
-    for writer in writers_for(options.formats):
-        writer.finish(rows, out)
     statuses = [row["status"] for row in rows]
     counts = ", ".join(f"{statuses.count(k)} {k}" for k in sorted(set(statuses)))
-    print(f"segment: {len(rows)} cases ({counts}); summary in {out / 'summary.csv'}", file=sys.stderr)
-    return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in rows) else EXIT_OK
+    failed = any(row["status"] in ("failed", "missing") for row in rows)
+    try:
+        write_summary(rows, out, bundle.class_names, batch)
+        for writer in writers_for(options.formats):
+            writer.finish(rows, out)
+    except OSError as err:
+        for row in rows:
+            if row["status"] != "existing":
+                print(f"{row['case_id']}: {row['status']} {row.get('reason', '')}".rstrip(), file=sys.stderr)
+        print(f"segment: {len(rows)} cases ({counts}); the summary could not be written: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    warned = sum(1 for row in rows if row.get("warnings"))
+    warning_note = f"; {warned} with warnings (see the summary's warnings column)" if warned else ""
+    print(f"segment: {len(rows)} cases ({counts}){warning_note}; summary in {out / 'summary.csv'}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _input_bytes(image: str | list[str]) -> int:
+    total = 0
+    for path in image if isinstance(image, list) else [image]:
+        paths = [p for p in Path(path).iterdir() if p.is_file()] if os.path.isdir(path) else [Path(path)]
+        total += sum(p.stat().st_size for p in paths)
+    return total
+
+
+def _storage_problem(out: Path, cases: list) -> str | None:
+    """None when ``OUT`` is writable and has room for the batch, else the one-line reason.
+
+    The room needed is estimated as a quarter of the inputs' size plus 1 MB a case: masks are
+    uint8 and compress well (typically 1-10 % of an int16 image), QA pictures are ~100 KB.
+    """
+    import shutil
+
+    try:
+        (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+        probe = out / RECORDS_DIR / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return f"--output {out}: cannot write there ({err.strerror or err})"
+    try:
+        needed = sum(_input_bytes(case.image) for case in cases) // 4 + len(cases) * 1_000_000
+    except OSError:
+        return None  # an unreadable input fails as its own case
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        return f"--output {out}: {free / 1e9:.2f} GB free, and this batch needs up to about {needed / 1e9:.2f} GB"
+    return None

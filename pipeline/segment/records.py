@@ -153,14 +153,24 @@ def write_record(out: Path, row: dict, finals: dict[str, Path], temps: dict[str,
 
 
 def write_failure(out: Path, row: dict) -> dict:
-    atomic_write_text(failed_path(out, row["case_id"]), json.dumps(row, indent=1) + "\n")
+    """Record a failed case; when even that cannot be written (a full disk), the row says so."""
+    try:
+        atomic_write_text(failed_path(out, row["case_id"]), json.dumps(row, indent=1) + "\n")
+    except OSError as err:
+        row["unrecorded"] = f"the failure record could not be written: {err}"
     return row
 
 
-def collect_rows(cases: Sequence[Case], out: Path, run_id: str) -> list[dict]:
-    """One row per case from its records: done (this run), existing (earlier run), failed, or missing."""
+def collect_rows(cases: Sequence[Case], out: Path, run_id: str, unrecorded: dict[str, dict] | None = None) -> list[dict]:
+    """One row per case from its records: done (this run), existing (earlier run), failed, or missing.
+
+    ``unrecorded``: this run's failure rows whose record could not be written (case id -> row).
+    """
     rows = []
     for case in cases:
+        if unrecorded and case.case_id in unrecorded:
+            rows.append(unrecorded[case.case_id])
+            continue
         failed = read_json(failed_path(out, case.case_id), missing_ok=True)
         record = read_json(record_path(out, case.case_id), missing_ok=True)
         if failed and failed.get("run_id") == run_id:
@@ -180,7 +190,7 @@ def summary_fields(class_names: dict[int, str]) -> list[str]:
     """``summary.csv`` columns: the case, one column per registered output, timings, geometry, volumes."""
     outputs = [cls.key for cls in WRITERS.values()]
     timings = ["rank", "read_s", "infer_s", "write_s", "total_s", "shape", "spacing_mm"]
-    return ["case_id", "status", "reason", "source", *outputs, *timings] + [f"volume_ml_{name}" for _, name in sorted(class_names.items())]
+    return ["case_id", "status", "reason", "warnings", "source", *outputs, *timings] + [f"volume_ml_{name}" for _, name in sorted(class_names.items())]
 
 
 def write_summary(rows: list[dict], out: Path, class_names: dict[int, str], batch: dict) -> None:
@@ -198,6 +208,7 @@ def write_summary(rows: list[dict], out: Path, class_names: dict[int, str], batc
         outputs = row.get("outputs", {})
         flat = {
             **{k: row.get(k, "") for k in ("case_id", "status", "reason", "source", "rank")},
+            "warnings": "; ".join(row.get("warnings", [])),
             **{cls.key: outputs.get(cls.key, {}).get("path", "") for cls in WRITERS.values()},
             **{k: timings.get(k, "") for k in ("read_s", "infer_s", "write_s")},
             "total_s": round(sum(timings.values()), 4) if timings else "",

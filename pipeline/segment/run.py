@@ -173,6 +173,7 @@ class _CaseWriter:
         self.run_id = run_id
         self.out = options.output
         self.writers = writers_for(options.formats)
+        self.unrecorded: dict[str, dict] = {}  # failures whose record could not be written (full disk)
 
     def __call__(self, case: Case, data: dict, logits: torch.Tensor, timings: dict) -> dict:
         start = time.perf_counter()
@@ -210,6 +211,9 @@ class _CaseWriter:
             notes = [w.not_applicable(case) for w in self.writers if not w.applies_to(case)]
             if notes:
                 row["notes"] = "; ".join(notes)
+            warnings = _warnings(data["image"], mask, self.bundle.class_names)
+            if warnings:
+                row["warnings"] = warnings
             return write_record(self.out, row, finals, temps, self.options.overwrite)
         finally:
             for temp in temps.values():
@@ -220,7 +224,17 @@ class _CaseWriter:
         row = base_row(case, "failed", reason, self.run_id, self.options.rank, timings)
         if detail:
             row["traceback"] = detail
-        return write_failure(self.out, row)
+        row = write_failure(self.out, row)
+        if "unrecorded" in row:
+            self.unrecorded[case.case_id] = row
+        return row
+
+
+def _warnings(image: torch.Tensor, mask: np.ndarray, class_names: dict[int, str]) -> list[str]:
+    """What a reader of the summary must not miss although the case is done: empty results."""
+    if mask.any() or float(torch.as_tensor(image).float().std()) == 0.0:
+        return []
+    return [f"empty mask: no {'/'.join(class_names.values())} voxel predicted in a non-empty image"]
 
 
 def _loader(dataset: _PreprocessedCases, first: int, workers: int, isolated: bool):
@@ -249,8 +263,13 @@ def _loader(dataset: _PreprocessedCases, first: int, workers: int, isolated: boo
 def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str) -> dict:
     """Segment this rank's ``cases``: plan (skip finished ones), read in background, infer, write in background.
 
-    Returns batch statistics (``wall_s``, ``network_s``, ``input_wait_s``, counts). Per-case
-    results are in ``OUT/records``.
+    Reading always runs in a separate process, so a decoder that crashes on one file costs only
+    that case: ``workers`` processes read ahead, and ``workers=0`` means one process reading one
+    case at a time (no read-ahead).
+
+    Returns batch statistics (``wall_s``, ``network_s``, ``input_wait_s``, counts, and
+    ``unrecorded``: failures whose record could not be written). Per-case results are in
+    ``OUT/records``.
     """
     writer = _CaseWriter(bundle, options, settings, run_id)
     todo, existing, rows = [], 0, []
@@ -278,7 +297,8 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
             progress.case_finished(pending.popleft().result())
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
-        iterator, expected, isolated = _loader(dataset, 0, options.workers, False), 0, False
+        isolated = options.workers == 0
+        iterator, expected = _loader(dataset, 0, max(options.workers, 1), isolated), 0
         while True:
             tick = time.perf_counter()
             try:
@@ -286,7 +306,7 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
             except StopIteration:
                 break
             except RuntimeError as err:
-                if options.workers == 0 or "DataLoader worker" not in str(err) or expected >= len(todo):
+                if "DataLoader worker" not in str(err) or expected >= len(todo):
                     raise
                 # A reader process died (a segfault in a DICOM decoder, killed for memory...). With
                 # prefetching it may have held several cases, and results it had queued die with it,
@@ -300,7 +320,7 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
                 else:
                     progress.log("a reader process died; going on with one reader, one case at a time")
                     isolated = True
-                iterator = _loader(dataset, expected, options.workers, True)
+                iterator = _loader(dataset, expected, 1, True)
                 continue
             wait_s += time.perf_counter() - tick
             expected = item["index"] + 1
@@ -330,5 +350,5 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
             harvest(MAX_WRITES_IN_FLIGHT)
         harvest(0)
     progress.close()
-    stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s)
+    stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s, unrecorded=writer.unrecorded)
     return stats
