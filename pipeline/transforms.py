@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelReader
+from monai.data import MetaTensor
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from monai.transforms import (
@@ -74,7 +74,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from pipeline.readers import DataError, SimpleITKReader, is_nifti
+from pipeline.readers import DataError, GuardedNibabelReader, SimpleITKReader, is_nifti
 
 __all__ = [
     "PRESETS",
@@ -118,7 +118,7 @@ class LoadVolumed(MapTransform):
             # LoadImage also builds MONAI's default readers; their optional GPU codec warns on CPU machines
             warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
             self.loader = LoadImage(image_only=True, dtype=dtype)
-        self.nibabel = NibabelReader()
+        self.nibabel = GuardedNibabelReader()  # header size and NaN/Inf guards
         self.sitk = SimpleITKReader(series_uid=series_uid)
 
     def __call__(self, data):
