@@ -212,10 +212,10 @@ def _check_nifti_size(path: str) -> None:
     import nibabel as nib
 
     try:
-        header = nib.load(path).header
-        shape = tuple(int(s) for s in header.get_data_shape())
-        itemsize = header.get_data_dtype().itemsize
-        offset = int(header.get_data_offset())
+        image = nib.load(path)  # the header only: pixels are read on demand
+        shape = tuple(int(s) for s in image.header.get_data_shape())
+        itemsize = image.header.get_data_dtype().itemsize
+        offset = int(image.dataobj.offset)
     except Exception as err:  # nibabel raises many types for corrupt/truncated/text files
         raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
     voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
@@ -265,7 +265,7 @@ class GuardedNibabelReader(NibabelReader):
 
     def get_data(self, img):
         array, meta = super().get_data(img)
-        check_finite(meta.get("filename_or_obj", "image"), array)
+        check_finite(ensure_tuple(img)[0].get_filename() or "image", array)
         return array, meta
 
 
@@ -283,7 +283,8 @@ def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | Non
     """
     if "Rows" not in header or "Columns" not in header:
         return None  # not an image
-    syntax = header.file_meta.get("TransferSyntaxUID") if "file_meta" in header else None
+    file_meta = getattr(header, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if syntax is None or syntax.is_compressed:
         return None
     expected = (
