@@ -28,7 +28,7 @@ from pipeline.demo_data import write_demo_data
 __all__ = ["BUNDLE", "bundle_dir", "bundle_command", "main"]
 
 BUNDLE = "unetpp_3d_seg"
-EPOCH_LINE = "INFO - Epoch "  # the per-epoch summary written by pipeline.engines.TrainingCurves
+EPOCH_LINE = "INFO - Epoch "  # the per-epoch summary written by pipeline.handlers.TrainingCurves
 
 
 def bundle_dir(name: str = BUNDLE) -> Path:
