@@ -49,15 +49,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointMismatchError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        # PyTorch's message is a page of advice to load unsafely; keep the line that names the object.
+        culprit = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line or "GLOBAL" in line), "")
         raise CheckpointMismatchError(
-            f"{path}: not loadable with weights_only=True ({err}); only plain state_dicts "
-            "(tensors, numbers, strings, lists, dicts) are accepted"
+            f"{path}: refused: it holds Python objects other than tensors ({culprit or 'not a plain state_dict'}); "
+            "only plain state_dicts (tensors, numbers, strings, lists, dicts) are loaded, with weights_only=True"
         ) from err
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    except Exception as err:  # noqa: BLE001 - text, truncated or foreign files raise OSError, KeyError, ...
+        raise CheckpointMismatchError(
+            f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file): {type(err).__name__}: {err}"
+        ) from err
 
 
 def check_fit(state: Mapping[str, Any], module: torch.nn.Module, source: str) -> None:

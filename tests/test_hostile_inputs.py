@@ -321,3 +321,40 @@ def test_an_empty_mask_from_a_non_empty_image_is_a_warning_in_the_summary(tmp_pa
     header, line = (tmp_path / "out" / "summary.csv").read_text().splitlines()[:2]
     assert "empty mask" in line.split(",")[header.split(",").index("warnings")]
     assert "1 with warnings" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: every bad file is named with its problem
+# --------------------------------------------------------------------------------------------
+
+
+class Pwned:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("empty", "empty file (0 bytes)"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+        ("text", "not a readable PyTorch checkpoint"),
+        ("pickle", "refused: it holds Python objects other than tensors"),
+    ],
+)
+def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, checkpoint, capsys, kind, expected):
+    import pickle
+
+    path = tmp_path / f"{kind}.pt"
+    good = checkpoint.read_bytes()
+    content = {"empty": b"", "truncated": good[: len(good) // 2], "text": b"weights are in the other folder\n",
+               "pickle": pickle.dumps({"model": Pwned()})}[kind]
+    path.write_bytes(content)
+    write_nifti(tmp_path / "in" / "a.nii.gz")
+
+    assert run(path, tmp_path / "in", tmp_path / "out") == 2
+
+    err = capsys.readouterr().err
+    assert f"{path}: {expected}" in err and "Traceback" not in err and "pwned" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
