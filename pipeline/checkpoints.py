@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,6 +52,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.stat().st_size == 0:
         raise CheckpointMismatchError(f"{path}: empty file (0 bytes), not a checkpoint")
+    with open(path, "rb") as handle:
+        is_pickle = handle.read(1) == b"\x80"  # a pickle's PROTO opcode (torch.save's legacy format)
+    if not zipfile.is_zipfile(path) and not is_pickle:
+        raise CheckpointMismatchError(
+            f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file: "
+            "neither torch.save's zip format nor a pickle)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.checkpoints import CheckpointMismatchError
 from pipeline.fileio import fsync_file, remove_stale_tmp, tmp_path_for
 from pipeline.inferers import AutocastInferer
 from pipeline.readers import DataError
@@ -49,11 +50,11 @@ class SegmentOptions:
 
 def root_cause(err: BaseException) -> BaseException:
     """The error worth showing: MONAI wraps transform errors ("applying transform ..."), so take
-    the first :class:`DataError` in the chain (it names the file), else the innermost error."""
+    the first of our own errors in the chain (they name the file), else the innermost error."""
     chain = [err]
     while chain[-1].__cause__ is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__)
-    return next((e for e in chain if isinstance(e, DataError)), chain[-1])
+    return next((e for e in chain if isinstance(e, (DataError, CheckpointMismatchError))), chain[-1])
 
 
 def _reason(stage: str, err: BaseException) -> str:
