@@ -74,7 +74,7 @@ def _resolve(value: str, root: str, allow_outside: bool, where: str) -> str:
     if not allow_outside and os.path.commonpath([root, path]) != root:
         raise DataError(
             f"{where}: path {value!r} resolves to {path}, outside dataset_dir {root} "
-            "(pass allow_outside=True / --allow-outside to accept it)"
+            "(point dataset_dir at a folder that holds every path; `datalist validate` also accepts --allow-outside)"
         )
     return path
 
