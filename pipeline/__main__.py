@@ -15,6 +15,7 @@ COMMANDS = {
     "demo-data": ("pipeline.demo_data", "main", "write the embedded demo data sets and datalists"),
     "datalist": ("pipeline.data", "datalist_main", "build or validate an MSD-style datalist"),
     "segment": ("pipeline.segment", "main", "batch-segment a folder or datalist of volumes"),
+    "bundle": ("pipeline.manifest", "main", "pin a bundle's configs and weights (sha256), or verify them"),
 }
 
 

@@ -358,3 +358,37 @@ def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, checkpoint, caps
     assert f"{path}: {expected}" in err and "Traceback" not in err and "pwned" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# trust in bundles
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_pinned_bundle_that_changed_is_named_by_verify_and_refused_by_segment(tmp_path, checkpoint, capsys):
+    import shutil
+
+    from pipeline.manifest import main as bundle_main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    shutil.copy(checkpoint, bundle / "models" / "model.pt")
+    assert bundle_main(["pin", str(bundle)]) == 0
+    digest = capsys.readouterr().out.split("digest ")[-1].strip()
+    assert bundle_main(["verify", str(bundle)]) == 0
+    write_nifti(tmp_path / "in" / "a.nii.gz")
+    tiny = ["--override", "network_def#features=[4,8,16]", "--override", "network_def#depth=2", "--override", "sw_roi_size=[32,32,32]"]
+    from pipeline.segment import main as segment_main
+
+    command = ["--bundle", str(bundle), *tiny, "--input", str(tmp_path / "in"), "--quiet", "--bundle-digest", digest]
+    assert segment_main([*command, "--output", str(tmp_path / "out1")]) == 0
+
+    inference = bundle / "configs" / "inference.json"
+    inference.write_text(inference.read_text().replace('"overlap": 0.5', '"overlap": 0.25'))
+    capsys.readouterr()
+    assert bundle_main(["verify", str(bundle)]) == 1
+    assert "changed: configs/inference.json" in capsys.readouterr().out
+    assert segment_main([*command, "--output", str(tmp_path / "out2")]) == 2
+    assert "its configs or weights changed" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo every case and replace existing outputs")
     parser.add_argument("--workers", type=int, default=1, help="background reader processes (0: read in the main process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; one log line per case")
+    parser.add_argument("--bundle-digest", default=None, metavar="DIGEST",
+                        help="refuse the bundle unless its configs and weights have this digest (python -m pipeline bundle pin B)")
     parser.add_argument("--wait", action="store_true", help="when another run holds OUT, wait for it instead of refusing")
     parser.add_argument("--max-voxels", type=float, default=None,
                         help="refuse an image whose header claims more voxels (default 2**31), before reading it")
@@ -140,6 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in ((MAX_VOXELS_ENV, args.max_voxels), (MAX_GB_ENV, args.max_gb)):
         if value is not None:  # the environment reaches every reader process
             os.environ[name] = str(value)
+    if args.bundle_digest is not None:
+        from pipeline.manifest import bundle_manifest
+
+        digest = bundle_manifest(args.bundle)["digest"]
+        if digest != args.bundle_digest.strip().lower():
+            return _usage_error(
+                f"--bundle {args.bundle} has digest {digest}, not the pinned {args.bundle_digest}: its configs or "
+                f"weights changed (python -m pipeline bundle verify {args.bundle} names the files)"
+            )
     try:
         bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device)
     except Exception as err:  # noqa: BLE001 - any setup problem is one clear line
