@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["PRECISIONS", "check_precision", "AutocastInferer"]
+__all__ = ["PRECISIONS", "check_precision", "AutocastInferer", "MirrorTTAInferer"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,3 +81,43 @@ class AutocastInferer(Inferer):
         with torch.autocast(device_type=inputs.device.type, dtype=_DTYPES[self.precision]):
             outputs = self.inferer(inputs, network, *args, **kwargs)
         return _to_float32(outputs)
+
+
+class MirrorTTAInferer(Inferer):
+    """Test-time augmentation by mirroring: average the *probabilities* of every flip combination.
+
+    ``inputs`` (B, C, *spatial) -> logits (B, K, *spatial) whose activation is the mean of the
+    flipped predictions' probabilities (nnU-Net's mirroring). The mean is returned as logits
+    (``logit(p)`` for a sigmoid, ``log(p)`` for a softmax), so the unchanged post-processing
+    (activation, then threshold/argmax) thresholds the averaged probabilities.
+
+    Args:
+        inferer: the inferer to run on each flipped input (e.g. ``SlidingWindowInferer``).
+        activation: ``"sigmoid"`` (one channel per class) or ``"softmax"`` (classes as channels).
+        axes: spatial axes to mirror (0-based); default all. 3D: 8 passes, 2D: 4.
+    """
+
+    def __init__(self, inferer: Inferer, activation: str = "sigmoid", axes: tuple[int, ...] | None = None):
+        super().__init__()
+        if activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+        self.inferer = inferer
+        self.activation = activation
+        self.axes = None if axes is None else tuple(int(a) for a in axes)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        import itertools
+
+        spatial = list(range(inputs.ndim - 2)) if self.axes is None else list(self.axes)
+        total, count = None, 0
+        for size in range(len(spatial) + 1):
+            for flipped in itertools.combinations(spatial, size):
+                dims = [axis + 2 for axis in flipped]
+                x = torch.flip(inputs, dims) if dims else inputs
+                logits = self.inferer(x, network, *args, **kwargs).float()
+                logits = torch.flip(logits, dims) if dims else logits
+                probabilities = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)
+                total = probabilities if total is None else total.add_(probabilities)
+                count += 1
+        mean = total.div_(count).clamp_(1e-7, 1 - 1e-7)
+        return torch.logit(mean) if self.activation == "sigmoid" else torch.log(mean)

@@ -67,3 +67,47 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="not supported by this GPU"):
         check_precision("bf16", "cuda:0")
     check_precision("fp16", "cuda:0")  # the device itself is not needed to check the name
+
+
+# --------------------------------------------------------------------------------------------
+# mirroring test-time augmentation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation,channels", [("sigmoid", 1), ("softmax", 3)])
+def test_mirror_tta_thresholds_the_mean_probability_of_every_flip(activation, channels):
+    from pipeline.inferers import MirrorTTAInferer
+
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, channels, 3, padding=1)  # not flip-equivariant: each flip differs
+    image = torch.rand(1, 1, 6, 7, 5)
+    probability = (lambda z: torch.sigmoid(z)) if activation == "sigmoid" else (lambda z: torch.softmax(z, 1))
+    expected = []
+    for flips in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
+        x = torch.flip(image, flips) if flips else image
+        y = network(x)
+        expected.append(probability(torch.flip(y, flips) if flips else y))
+    expected = torch.stack(expected).mean(0)
+
+    with torch.no_grad():
+        logits = MirrorTTAInferer(SimpleInferer(), activation)(image, network)
+
+    assert logits.shape == (1, channels, 6, 7, 5)
+    torch.testing.assert_close(probability(logits), expected.detach(), atol=1e-5, rtol=1e-4)
+    plain = probability(network(image))
+    assert (plain - expected).abs().max() > 1e-3  # the augmentation changed something
+
+
+def test_mirror_tta_on_selected_axes_runs_one_pass_per_flip_combination():
+    from pipeline.inferers import MirrorTTAInferer
+
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape)
+        return x
+
+    MirrorTTAInferer(SimpleInferer(), "sigmoid", axes=(0, 1))(torch.rand(1, 1, 4, 4, 4), counting)
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="sigmoid' or 'softmax"):
+        MirrorTTAInferer(SimpleInferer(), "relu")

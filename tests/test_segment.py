@@ -546,3 +546,13 @@ def test_datalist_build_and_segment_find_the_same_cases_in_a_folder(tmp_path):
 
     built = sorted(entry["image"].removeprefix("images/") for entry in from_build)
     assert built == sorted(case.source for case in from_segment) == ["a.nii.gz", "b.nrrd", "c_series/", "d_exported/"]
+
+
+def test_tta_is_a_setting_of_the_masks(tmp_path, checkpoint):
+    write_nifti(tmp_path / "in" / "a.nii.gz", seed=4)
+    output = tmp_path / "out"
+    assert run(checkpoint, tmp_path / "in", output, "--tta") == 0
+    row = summary(output)["a"]
+    assert row["status"] == "done" and row["settings"]["tta"] is True
+    assert run(checkpoint, tmp_path / "in", output) == 1  # masks made with TTA are not silently kept
+    assert "other settings (tta)" in summary(output)["a"]["reason"]

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-level", type=int, default=None, help="fast mode: compute nodes X(i,j) with i+j <= K only")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the bundle's; under torchrun cuda means cuda:LOCAL_RANK)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype for the network (fp16: CUDA only)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities of every mirrored input (3D: 8x the network time)")
     formats = "; ".join(f"{name}: {cls.help}" for name, cls in WRITERS.items())
     parser.add_argument("--format", dest="formats", action="append", default=[], choices=list(WRITERS), metavar="FORMAT",
                         help=f"an output to write besides the NIfTI mask (repeatable): {formats}")
@@ -75,6 +77,7 @@ def _settings(args, bundle: LoadedBundle, overrides: dict) -> dict:
         "checkpoint_sha256": bundle.checkpoint_sha256,
         "overrides": {k: overrides[k] for k in sorted(overrides)},
         "precision": args.precision,
+        "tta": args.tta,
     }
 
 
@@ -206,6 +209,7 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
         overwrite=args.overwrite,
         formats=tuple(args.formats),
         precision=args.precision,
+        tta=args.tta,
         workers=args.workers,
         quiet=args.quiet,
         rank=rank,

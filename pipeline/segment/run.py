@@ -19,7 +19,7 @@ import torch
 
 from pipeline.checkpoints import CheckpointMismatchError
 from pipeline.fileio import fsync_file, remove_stale_tmp, tmp_path_for
-from pipeline.inferers import AutocastInferer
+from pipeline.inferers import AutocastInferer, MirrorTTAInferer
 from pipeline.readers import DataError
 from pipeline.segment.bundle import LoadedBundle
 from pipeline.segment.cases import Case
@@ -42,6 +42,7 @@ class SegmentOptions:
     overwrite: bool = False
     formats: Sequence[str] = ()
     precision: str = "fp32"
+    tta: bool = False
     workers: int = 1
     quiet: bool = False
     rank: int = 0
@@ -289,7 +290,10 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
     start = time.perf_counter()
     network_s = wait_s = 0.0
     dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels)
-    inferer = AutocastInferer(bundle.inferer, options.precision)
+    inferer = bundle.inferer
+    if options.tta:
+        inferer = MirrorTTAInferer(inferer, "sigmoid" if bundle.out_channels == 1 else "softmax")
+    inferer = AutocastInferer(inferer, options.precision)
     pending: deque[Future] = deque()
 
     def harvest(limit: int) -> None:
