@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     info = write_demo_data(out / "data", sets=("synthetic_3d",), seed=args.seed)["synthetic_3d"]
     print(f"  {info['files']} files under {out / 'data'}, datalist {info['datalist']}", flush=True)
 
-    common = {"dataset_dir": out / "data", "datalist": info["datalist"], "ckpt_dir": out / "models"}
+    # bundle_root is "." in the configs (the model zoo's convention): point it at the output folder
+    common = {"bundle_root": out, "dataset_dir": out / "data", "datalist": info["datalist"], "ckpt_dir": out / "models"}
     train = dict(common, output_dir=out / "logs", progress_bar=False)
     if args.epochs is not None:
         train["max_epochs"] = args.epochs

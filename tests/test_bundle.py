@@ -1,12 +1,16 @@
 """Model-zoo checks on both bundles: metadata schema, network in/out, TorchScript export, properties.
 
-These run the standard ``python -m monai.bundle`` commands as a user (or the model zoo's CI) would.
+These run the standard ``python -m monai.bundle`` commands as a user would, and the model zoo's
+own CI steps (``ci/verify_bundle.py`` of Project-MONAI/model-zoo) with their default arguments.
 """
 
+import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -76,9 +80,11 @@ def test_model_zoo_layout(name):
         "configs/evaluate.json",
         "configs/inference.json",
         "configs/multi_gpu_train.json",
+        "configs/multi_gpu_evaluate.json",
         "configs/demo.json",
         "configs/logging.conf",
         "docs/README.md",
+        "large_files.yml",
         "LICENSE",
     ]:
         assert os.path.isfile(bundle_path(name, part)), part
@@ -87,6 +93,105 @@ def test_model_zoo_layout(name):
     tracked = subprocess.run(["git", "ls-files", bundle_path(name, "models")], cwd=REPO, capture_output=True, text=True)
     assert tracked.returncode == 0, tracked.stderr
     assert tracked.stdout.strip() == ""
+    large_files = ConfigParser.load_config_file(bundle_path(name, "large_files.yml"))
+    assert large_files == {"large_files": []}  # a template publishes no weights
+
+
+# The model zoo's CI (ci/verify_bundle.py, mode "full") on a bundle folder, step by step and with
+# the same calls and arguments; ci/prepare_schema.py puts the schema in eval/schema.json first.
+ZOO_CI = textwrap.dedent(
+    """
+    import os, sys, torch
+    from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_metadata, verify_net_in_out
+    bundle_path = sys.argv[1]
+    sys.path = [bundle_path] + sys.path
+    large_files = ConfigParser.load_config_file(os.path.join(bundle_path, "large_files.yml"))["large_files"]
+    for required in ["configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"]:
+        assert os.path.exists(os.path.join(bundle_path, required)), required
+    meta_file = os.path.join(bundle_path, "configs/metadata.json")
+    metadata = ConfigParser.load_config_file(meta_file)
+    assert metadata["version"] in metadata["changelog"]
+    verify_metadata(meta_file=meta_file, filepath=os.path.join(bundle_path, "eval/schema.json"))
+    config_file = os.path.join(bundle_path, "configs/inference.json")
+    workflow = create_workflow(workflow_type="inference", bundle_root=bundle_path, config_file=config_file,
+                               logging_file=os.path.join(bundle_path, "configs/logging.conf"), meta_file=meta_file)
+    assert workflow.check_properties() == [], workflow.check_properties()
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=bundle_path)
+    ckpt_export(net_id="network_def", filepath=os.path.join(bundle_path, "models/verify_model.ts"),
+                ckpt_file=os.path.join(bundle_path, "models", "model.pt"), meta_file=meta_file,
+                config_file=config_file, bundle_root=bundle_path)
+    if os.path.exists(os.path.join(bundle_path, "models/model.ts")):
+        torch.jit.load(os.path.join(bundle_path, "models/model.ts"))
+    print("model zoo checks passed:", len(large_files), "large files")
+    """
+)
+
+
+def model_zoo_ci(bundle):
+    """Run the model zoo's CI steps on the bundle folder ``bundle``; returns the completed process."""
+    os.makedirs(os.path.join(bundle, "eval"), exist_ok=True)
+    shutil.copyfile(SCHEMA, os.path.join(bundle, "eval", "schema.json"))
+    return subprocess.run(
+        [sys.executable, "-c", ZOO_CI, str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
+
+
+def copy_bundle(name, destination):
+    """The bundle folder as a lab would receive it (without local outputs)."""
+    return shutil.copytree(bundle_path(name), destination, ignore=shutil.ignore_patterns("models", "logs", "eval"))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_model_zoo_ci_checks_pass_with_their_defaults(name, tmp_path):
+    """The zoo's CI steps on a copy of the template: weights as the CI makes them when none are published."""
+    bundle = copy_bundle(name, tmp_path / name)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
+    parser.read_meta(os.path.join(bundle, "configs", "metadata.json"))
+    os.makedirs(os.path.join(bundle, "models"))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(bundle, "models", "model.pt"))
+
+    result = model_zoo_ci(bundle)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "model zoo checks passed" in result.stdout and "data shape of network is verified with no error" in result.stdout
+    assert os.path.isfile(os.path.join(bundle, "models", "verify_model.ts"))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_documented_commands_run_from_inside_the_bundle_with_default_arguments(name, tmp_path):
+    """docs/README.md's checks, exactly as written there (no --n, no network overrides)."""
+    bundle = bundle_path(name)
+    result = monai_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../schema/meta_schema.json", cwd=bundle)
+    assert result.returncode == 0, result.stdout
+    assert "metadata is verified with no error" in result.stdout
+    result = monai_bundle(
+        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=bundle
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "data shape of network is verified with no error" in result.stdout
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_metadata_tells_the_truth_about_the_network(name):
+    """spatial_shape is the smallest size multiple the default network accepts, num_channels its channels."""
+    meta = json.load(open(bundle_path(name, "configs", "metadata.json")))
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    parser = ConfigParser()
+    parser.read_config(bundle_path(name, "configs", "inference.json"))
+    depth, dims = parser.get_parsed_content("network_def#depth"), parser.get_parsed_content("spatial_dims")
+    multiple = 2 ** (depth + 1)
+    assert image["spatial_shape"] == pred["spatial_shape"] == [f"{multiple}*n"] * dims
+    assert (image["num_channels"], pred["num_channels"]) == (
+        parser.get_parsed_content("in_channels"), parser.get_parsed_content("out_channels")
+    )  # fmt: skip
+    parser["network_def#features"] = [2] * (depth + 1)  # the size rule depends on the depth only
+    network = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        assert network(torch.rand((1, 1) + (multiple,) * dims)).shape[2:] == (multiple,) * dims
+        assert network(torch.rand((1, 1) + (multiple + 3,) * dims)).shape[2:] == (multiple + 3,) * dims  # padded
+        with pytest.raises(ValueError, match="too small for depth"):
+            network(torch.rand((1, 1) + (multiple // 2,) * dims))  # "16*n" would be false at n=1
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -96,7 +201,10 @@ def test_verify_metadata_against_the_schema_in_the_repo(name):
     assert "metadata is verified with no error" in result.stdout
     meta = json.load(open(bundle_path(name, "configs", "metadata.json")))
     assert any("UNet++" in ref for ref in meta["references"]) and any("U-Net:" in ref for ref in meta["references"])
-    assert "unetpp-pipeline" in meta["required_packages_version"]
+    # the distribution that provides pipeline.*, by its real name and installed version
+    assert meta["required_packages_version"]["unetpp-pipeline"] == importlib.metadata.version("unetpp-pipeline")
+    # MONAI Label's label map: class value -> name, background included
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "foreground"}
 
 
 def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
@@ -107,18 +215,6 @@ def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
     result = monai_bundle("verify_metadata", "--meta_file", str(tmp_path / "metadata.json"), "--filepath", SCHEMA)
     assert result.returncode != 0
     assert "references" in result.stdout or "channel_def" in result.stdout
-
-
-@pytest.mark.parametrize("name", BUNDLES)
-@pytest.mark.parametrize("config", ["train.json", "inference.json"])
-def test_verify_net_in_out(name, config):
-    result = monai_bundle(
-        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-        "--config_file", f"configs/{config}", "--n", "2", "--device", "cpu", *TINY,
-        cwd=bundle_path(name),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout
-    assert "data shape of network is verified with no error" in result.stdout
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -148,7 +244,7 @@ def test_ckpt_export_torchscript_matches_eager(name, tmp_path):
         assert torch.allclose(scripted(x), eager(x), atol=1e-5)
     extra = {"metadata.json": "", "inference.json": ""}
     torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == "0.1.0"
+    assert json.loads(extra["metadata.json"])["version"] == json.load(open(bundle_path(name, "configs", "metadata.json")))["version"]
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -163,7 +259,18 @@ def test_ckpt_export_torchscript_matches_eager(name, tmp_path):
     ],
 )
 def test_config_workflow_properties(name, workflow_type, configs, small_data, tmp_path):
-    flow = workflow(name, configs, workflow_type, small_data, tmp_path)
+    """As the model zoo's unit tests check a bundle: the workflow with its logging and metadata, data overrides only."""
+    flow = ConfigWorkflow(
+        workflow_type=workflow_type,
+        config_file=[bundle_path(name, "configs", c) for c in configs],
+        logging_file=bundle_path(name, "configs", "logging.conf"),
+        meta_file=bundle_path(name, "configs", "metadata.json"),
+        bundle_root=str(tmp_path),
+        cache_rate=0.0,
+        num_workers=0,
+        **small_data[name],
+    )
+    flow.initialize()
     assert flow.check_properties() == []
     assert flow.bundle_root == str(tmp_path)
     if workflow_type == "train":
@@ -171,6 +278,31 @@ def test_config_workflow_properties(name, workflow_type, configs, small_data, tm
         assert len(flow.train_dataset) == 2 and flow.max_epochs > 0
     else:
         assert type(flow.evaluator).__name__ == "SupervisedEvaluator" and len(flow.dataset) == 2
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_a_copied_bundle_without_data_says_what_to_pass(name, tmp_path):
+    """Defaults point inside the bundle (data/datalist.json), never into this repository."""
+    bundle = copy_bundle(name, tmp_path / name)
+    for config in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(bundle, "configs", config))
+        assert parser.get_parsed_content("bundle_root") == "."
+        assert parser.get_parsed_content("datalist") == os.path.join(".", "data", "datalist.json")
+    result = monai_bundle("run", "--config_file", "configs/train.json", cwd=bundle)
+    assert result.returncode != 0 and "no datalist at" in result.stdout and "pass --dataset_dir DIR" in result.stdout
+    assert not os.path.exists(os.path.join(bundle, "models"))
+    result = monai_bundle("run", "--config_file", "configs/inference.json", cwd=bundle)
+    assert result.returncode != 0 and "nothing to segment" in result.stdout and "pass --dataset_dir FOLDER" in result.stdout
+
+
+def test_inference_without_a_datalist_segments_every_image_in_dataset_dir(small_data, tmp_path):
+    from pipeline.settings import inference_inputs
+
+    folder = os.path.join(small_data["unetpp_3d_seg"]["dataset_dir"], "synthetic_3d", "imagesTs")
+    found = inference_inputs(os.path.join(folder, "datalist.json"), folder)
+    assert [os.path.basename(e["image"]) for e in found] == sorted(os.listdir(folder)) and len(found) == 4
+    assert inference_inputs(tmp_path / "none.json", tmp_path / "nowhere") == []
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -198,6 +330,17 @@ def test_multi_gpu_overlay_keeps_train_properties(name):
         assert key in flow.parser, key
     assert flow.parser["train#dataloader#sampler"] == "@train#sampler"
     assert "gloo" in json.dumps(flow.parser["initialize"]) and "nccl" in json.dumps(flow.parser["initialize"])
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_multi_gpu_evaluate_overlays_train_and_evaluate(name):
+    """The model zoo's order: train.json, evaluate.json, multi_gpu_evaluate.json (run: test_bundle_runs.py)."""
+    configs = [bundle_path(name, "configs", c) for c in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    flow = ConfigWorkflow(config_file=configs, logging_file=False, workflow_type="eval")
+    assert flow.parser["validate#dataloader#sampler"] == "@validate#sampler"
+    assert flow.parser["validate#sampler#_target_"] == "DistributedSampler"
+    assert flow.parser["run"] == ["$@validate#evaluator.run()"]
+    assert "gloo" in json.dumps(flow.parser["initialize"]) and "@eval_section" in json.dumps(flow.parser["initialize"])
 
 
 @pytest.mark.parametrize("name", BUNDLES)

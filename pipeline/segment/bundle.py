@@ -114,9 +114,12 @@ def _network_settings(parser, meta: dict) -> dict[str, int | None]:
 def class_names_for(out_channels: int, meta: dict) -> dict[int, str]:
     """Foreground class value -> name, from ``metadata.json``'s output ``channel_def``.
 
-    One output channel is a sigmoid: its channel 0 is class 1. Several channels are a softmax:
-    channel ``k`` is class ``k`` and channel 0 is the background. Missing names become
-    ``foreground`` / ``class_<k>``; text in parentheses is dropped (``"liver (logit)"`` -> ``liver``).
+    ``channel_def`` maps the class values of the written mask to names, as MONAI Label reads it
+    (``{"0": "background", "1": "spleen"}``): with several output channels (softmax) channel
+    ``k`` is class ``k``; one sigmoid channel is class 1. A ``channel_def`` without a
+    ``"background"`` entry is read the older way, by output channel (a sigmoid's channel 0 is
+    class 1). Missing names become ``foreground`` / ``class_<k>``; text in parentheses is
+    dropped (``"liver (logit)"`` -> ``liver``).
     """
     channel_def = _network_data_format(meta, "outputs").get("channel_def") or {}
     names = {}
@@ -124,8 +127,9 @@ def class_names_for(out_channels: int, meta: dict) -> dict[int, str]:
         with_number = str(key).strip()
         if with_number.isdigit():
             names[int(with_number)] = re.split(r"\s*\(", str(value))[0]
+    by_channel = "background" not in (name.strip().lower() for name in names.values())
     if out_channels == 1:
-        return {1: sanitize(names.get(0) or "foreground")}
+        return {1: sanitize(names.get(0 if by_channel else 1) or "foreground")}
     return {k: sanitize(names.get(k) or f"class_{k}") for k in range(1, out_channels)}
 
 
