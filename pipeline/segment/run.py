@@ -262,6 +262,39 @@ def _loader(dataset: _PreprocessedCases, first: int, workers: int, isolated: boo
     return iterator
 
 
+def _plan(cases: Sequence[Case], writer: _CaseWriter, options: SegmentOptions, settings: dict) -> tuple[list, int, list]:
+    """Split ``cases`` into (to do, number already finished, failure rows of cases refused up front)."""
+    todo, existing, refused = [], 0, []
+    for case in cases:
+        decision, reason = plan_case(case, options.output, writer.writers, settings, options.overwrite)
+        if decision == "existing":
+            existing += 1
+        elif decision == "failed":
+            refused.append(writer.fail(case, f"skip: {reason}"))
+        else:
+            todo.append(case)
+    return todo, existing, refused
+
+
+def _inferer(bundle: LoadedBundle, options: SegmentOptions):
+    """The bundle's inferer, under mirroring TTA if asked, under the run's autocast."""
+    inferer = bundle.inferer
+    if options.tta:
+        inferer = MirrorTTAInferer(inferer, "sigmoid" if bundle.out_channels == 1 else "softmax")
+    return AutocastInferer(inferer, options.precision)
+
+
+def _predict(bundle: LoadedBundle, inferer, data: dict) -> torch.Tensor:
+    """Logits ``(C, *spatial)`` on the CPU for one preprocessed case."""
+    # A plain tensor: MetaTensor's per-op bookkeeping slows the network down (2x on small
+    # networks) and Invertd only needs the trace kept on data["image"].
+    batch = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).to(bundle.device)
+    with torch.no_grad():
+        logits = inferer(batch, bundle.network)
+    del batch
+    return logits[0].float().cpu()
+
+
 def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str) -> dict:
     """Segment this rank's ``cases``: plan (skip finished ones), read in background, infer, write in background.
 
@@ -274,86 +307,76 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
     ``OUT/records``.
     """
     writer = _CaseWriter(bundle, options, settings, run_id)
-    todo, existing, rows = [], 0, []
-    for case in cases:
-        decision, reason = plan_case(case, options.output, writer.writers, settings, options.overwrite)
-        if decision == "existing":
-            existing += 1
-        elif decision == "failed":
-            rows.append(writer.fail(case, f"skip: {reason}"))
-        else:
-            todo.append(case)
-    progress = _Progress(len(cases), existing + len(rows), options)
-    for row in rows:
+    todo, existing, refused = _plan(cases, writer, options, settings)
+    progress = _Progress(len(cases), existing + len(refused), options)
+    for row in refused:
         progress.log(f"{row['case_id']}: FAILED: {row['reason']}")
-    stats = {"cases": len(cases), "existing": existing, "planned_failures": len(rows), "todo": len(todo)}
+    stats = {"cases": len(cases), "existing": existing, "planned_failures": len(refused), "todo": len(todo)}
     start = time.perf_counter()
-    network_s = wait_s = 0.0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
+        network_s, wait_s = _segment_all(todo, bundle, _inferer(bundle, options), writer, pool, progress, options.workers)
+    progress.close()
+    stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s, unrecorded=writer.unrecorded)
+    return stats
+
+
+def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter, pool: ThreadPoolExecutor,
+                 progress: _Progress, workers: int) -> tuple[float, float]:
+    """The loop: next preprocessed case from the readers, the network, hand over to the writer thread.
+
+    Returns the seconds spent in the network and waiting for input.
+    """
     dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels)
-    inferer = bundle.inferer
-    if options.tta:
-        inferer = MirrorTTAInferer(inferer, "sigmoid" if bundle.out_channels == 1 else "softmax")
-    inferer = AutocastInferer(inferer, options.precision)
     pending: deque[Future] = deque()
+    network_s = wait_s = 0.0
 
     def harvest(limit: int) -> None:
         """Report finished writes; block while more than ``limit`` are pending."""
         while pending and (pending[0].done() or len(pending) > limit):
             progress.case_finished(pending.popleft().result())
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
-        isolated = options.workers == 0
-        iterator, expected = _loader(dataset, 0, max(options.workers, 1), isolated), 0
-        while True:
-            tick = time.perf_counter()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                break
-            except RuntimeError as err:
-                if "DataLoader worker" not in str(err) or expected >= len(todo):
-                    raise
-                # A reader process died (a segfault in a DICOM decoder, killed for memory...). With
-                # prefetching it may have held several cases, and results it had queued die with it,
-                # so go on from the next expected case with one reader holding one case at a time:
-                # if it dies again, that case is the culprit (a transient failure just passes).
-                wait_s += time.perf_counter() - tick
-                if isolated:
-                    reason = f"read: the reader process died on this case ({str(err).splitlines()[0]})"
-                    progress.case_finished(writer.fail(todo[expected], reason))
-                    expected += 1
-                else:
-                    progress.log("a reader process died; going on with one reader, one case at a time")
-                    isolated = True
-                iterator = _loader(dataset, expected, 1, True)
-                continue
+    isolated = workers == 0
+    iterator, expected = _loader(dataset, 0, max(workers, 1), isolated), 0
+    while True:
+        tick = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err) or expected >= len(todo):
+                raise
+            # A reader process died (a segfault in a DICOM decoder, killed for memory...). With
+            # prefetching it may have held several cases, and results it had queued die with it,
+            # so go on from the next expected case with one reader holding one case at a time:
+            # if it dies again, that case is the culprit (a transient failure just passes).
             wait_s += time.perf_counter() - tick
-            expected = item["index"] + 1
-            case = todo[item["index"]]
-            timings = {"read_s": item["read_s"]}
-            if item["error"] is not None:
-                progress.case_finished(writer.fail(case, item["error"], timings))
-                continue
-            data = item["data"]
-            tick = time.perf_counter()
-            try:
-                # A plain tensor: MetaTensor's per-op bookkeeping slows the network down (2x on small
-                # networks) and Invertd only needs the trace kept on data["image"].
-                batch = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).to(bundle.device)
-                with torch.no_grad():
-                    logits = inferer(batch, bundle.network)
-                del batch
-                logits = logits[0].float().cpu()
-            except Exception as err:  # noqa: BLE001 - e.g. out of memory on one huge case
-                timings["infer_s"] = time.perf_counter() - tick
-                progress.case_finished(writer.fail(case, _reason("network", err), timings, detail=traceback.format_exc()))
-                continue
+            if isolated:
+                reason = f"read: the reader process died on this case ({str(err).splitlines()[0]})"
+                progress.case_finished(writer.fail(todo[expected], reason))
+                expected += 1
+            else:
+                progress.log("a reader process died; going on with one reader, one case at a time")
+                isolated = True
+            iterator = _loader(dataset, expected, 1, True)
+            continue
+        wait_s += time.perf_counter() - tick
+        expected = item["index"] + 1
+        case, timings = todo[item["index"]], {"read_s": item["read_s"]}
+        if item["error"] is not None:
+            progress.case_finished(writer.fail(case, item["error"], timings))
+            continue
+        tick = time.perf_counter()
+        try:
+            logits = _predict(bundle, inferer, item["data"])
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory on one huge case
             timings["infer_s"] = time.perf_counter() - tick
-            network_s += timings["infer_s"]
-            pending.append(pool.submit(writer, case, data, logits, timings))
-            del data, logits, item
-            harvest(MAX_WRITES_IN_FLIGHT)
-        harvest(0)
-    progress.close()
-    stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s, unrecorded=writer.unrecorded)
-    return stats
+            progress.case_finished(writer.fail(case, _reason("network", err), timings, detail=traceback.format_exc()))
+            continue
+        timings["infer_s"] = time.perf_counter() - tick
+        network_s += timings["infer_s"]
+        pending.append(pool.submit(writer, case, item["data"], logits, timings))
+        del logits, item
+        harvest(MAX_WRITES_IN_FLIGHT)
+    harvest(0)
+    return network_s, wait_s
