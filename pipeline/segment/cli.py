@@ -225,15 +225,18 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
             own = collect_rows(mine, out, run_id)
             return EXIT_FAILED if any(row["status"] in ("failed", "missing") for row in own) else EXIT_OK
         all_stats = dist.wait_for_ranks(out, run_id, world_size, args.dist_timeout)
+    return _report(cases, out, run_id, all_stats, {"world_size": world_size, "device": str(bundle.device),
+                   "precision": args.precision, "settings": settings}, bundle.class_names, options.formats)
+
+
+def _report(cases: list, out: Path, run_id: str, all_stats: list, batch: dict, class_names: dict, formats) -> int:
+    """Rank 0: the summary of every case from the records, the writers' batch outputs, the last line."""
     finished = [s for s in all_stats if s]
     unrecorded = {k: v for s in finished for k, v in (s.get("unrecorded") or {}).items()}
     rows = collect_rows(cases, out, run_id, unrecorded)
     batch = {
         "run_id": run_id,
-        "world_size": world_size,
-        "device": str(bundle.device),
-        "precision": args.precision,
-        "settings": settings,
+        **batch,
         "wall_s": round(max(s["wall_s"] for s in finished), 3),
         "network_s": round(sum(s["network_s"] for s in finished), 3),
         "input_wait_s": round(sum(s["input_wait_s"] for s in finished), 3),
@@ -243,8 +246,8 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
     counts = ", ".join(f"{statuses.count(k)} {k}" for k in sorted(set(statuses)))
     failed = any(row["status"] in ("failed", "missing") for row in rows)
     try:
-        write_summary(rows, out, bundle.class_names, batch)
-        for writer in writers_for(options.formats):
+        write_summary(rows, out, class_names, batch)
+        for writer in writers_for(formats):
             writer.finish(rows, out)
     except OSError as err:
         for row in rows:
