@@ -7,12 +7,22 @@ reads every format here with full geometry; this module wraps it as a MONAI
 :class:`~monai.data.ImageReader` and does the DICOM series discovery itself so
 the rules are explicit and tested:
 
-* files are grouped by ``SeriesInstanceUID``; a folder holding several series is
-  rejected unless ``series_uid=`` picks one;
+* files are grouped by ``SeriesInstanceUID``; reports, presentation states, secondary captures,
+  localizers and label objects next to one image series are passed over; a folder holding
+  several image series is rejected unless ``series_uid=`` or a series reference
+  ``folder?series=UID`` picks one (:func:`series_reference`);
 * slices are sorted by their position along the slice normal
-  (``ImagePositionPatient . (row x col)``), never by ``InstanceNumber``;
-* an empty folder, duplicate positions and non-uniform slice spacing (a missing
-  slice) are errors that name the folder.
+  (``ImagePositionPatient . (row x col)``), never by ``InstanceNumber``; enhanced multi-frame
+  CT/MR objects are read frame by frame from their functional groups;
+* positions that repeat (multi-phase, 4D, diffusion) are separated by the first tag that tells
+  the volumes apart (:data:`SPLIT_KEYS`): one is chosen with ``&Keyword=value`` in the reference,
+  otherwise the series is refused with that advice; a duplicate slice that no tag explains is
+  an error naming the files;
+* a gantry tilt (slices shifted in-plane from one to the next) and uneven spacing (a missing
+  slice) are resampled to an even, orthogonal grid with a :class:`DicomGeometryWarning`, never
+  read sheared; an empty folder is an error that names the folder;
+* compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE) are decoded by the GDCM
+  inside SimpleITK.
 
 Conventions (the same as MONAI's ``NibabelReader``/``ITKReader``): arrays are
 indexed ``(i, j, k[, c])`` i.e. x fastest in the file, and the affine maps
@@ -24,7 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +54,22 @@ __all__ = [
     "SimpleITKReader",
     "dicom_series_files",
     "read_dicom_series",
+    "DicomGeometryWarning",
+    "DicomSlice",
+    "DicomVolume",
+    "DicomSeriesGroup",
+    "SPLIT_KEYS",
+    "dicom_object_kind",
+    "dicom_slices",
+    "dicom_series_in_folder",
+    "plan_dicom_volumes",
+    "plan_series",
+    "resolve_dicom_volume",
+    "read_dicom_volume",
+    "series_reference",
+    "split_series_reference",
+    "is_series_reference",
+    "input_files",
     "read_volume",
     "is_nifti",
     "strip_image_suffix",
@@ -285,8 +313,13 @@ def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | Non
         return None  # not an image
     file_meta = getattr(header, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    if syntax is None or syntax.is_compressed:
+    if syntax is None:
         return None
+    try:
+        if syntax.is_compressed:
+            return None
+    except ValueError:
+        return f"TransferSyntaxUID {syntax} is not a transfer syntax"
     expected = (
         int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1) or 1)
         * int(header.get("BitsAllocated", 16) or 16) // 8 * int(header.get("NumberOfFrames", 1) or 1)
@@ -309,43 +342,605 @@ def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | Non
     return None
 
 
-def _dicom_headers(folder: Path) -> list[tuple[str, Any]]:
+def _check_dicom_file(path: Path) -> None:
+    """A single DICOM file given as an image: its native PixelData must hold what its header
+    claims (a header claiming 65535 frames over 32 KB of pixels is refused before reading)."""
+    if not _dicom_headers(path.parent, only=path):
+        return  # not parsed as DICOM here: SimpleITK's own error will name it
+
+
+def _dicom_headers(folder: Path, damaged: dict[str, str] | None = None, only: Path | None = None) -> list[tuple[str, Any]]:
     """(file, pydicom header without pixels) for every DICOM file directly in ``folder``.
 
     Raises DataError naming the file when an image file's pixel data is damaged (see
     :func:`_pixel_data_problem`): a series with a short slice must not be read as zeros.
+    With ``damaged`` (a dict) such files are collected there (path -> problem) instead, so that
+    an inventory can go on and name them.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     headers = []
-    for path in sorted(folder.iterdir()):
+    for path in [only] if only is not None else sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
         try:
             with open(path, "rb") as handle:
                 header = pydicom.dcmread(handle, stop_before_pixels=True)
                 pixel_tag_at = handle.tell()
-        except (InvalidDicomError, OSError, ValueError, EOFError, struct.error):
+        except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, TypeError, AttributeError, NotImplementedError):
             continue  # not DICOM (a README, a thumbnail...): series folders often hold such files
-        if "SeriesInstanceUID" in header:
-            problem = _pixel_data_problem(path, header, pixel_tag_at)
+        if only is not None or "SeriesInstanceUID" in header:
+            try:
+                problem = _pixel_data_problem(path, header, pixel_tag_at)
+            except _HEADER_ERRORS as err:
+                problem = f"unreadable image attributes ({type(err).__name__}: {err})"
             if problem:
-                raise DataError(f"{path}: {problem}")
+                if damaged is None:
+                    raise DataError(f"{path}: {problem}")
+                damaged[str(path)] = problem
+                continue
             headers.append((str(path), header))
     return headers
+
+
+# What an object is, from its SOP class (exact UIDs or prefixes ending in "."), in the order checked.
+_SOP_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("1.2.840.10008.5.1.4.1.1.66.4", "segmentation", "a DICOM SEG (a label, not an image)"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "rtstruct", "an RT structure set (contours, a label, not an image)"),
+    ("1.2.840.10008.5.1.4.1.1.481.", "non-image", "a radiotherapy object (dose, plan or record), not an image to segment"),
+    ("1.2.840.10008.5.1.4.1.1.88.", "non-image", "a structured report (SR: a dose report, measurements), not an image"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "non-image", "a presentation state (display settings), not an image"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "non-image", "an encapsulated document (PDF, CDA), not an image"),
+    ("1.2.840.10008.5.1.4.1.1.9.", "non-image", "a waveform, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.66", "non-image", "raw data, a registration or fiducials, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.66.", "non-image", "raw data, a registration or fiducials, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.7", "secondary-capture", "a secondary capture (a screenshot without patient geometry)"),
+    ("1.2.840.10008.5.1.4.1.1.7.", "secondary-capture", "a secondary capture (a screenshot without patient geometry)"),
+)
+_NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "DOC", "REG", "FID", "PLAN", "RTPLAN", "RTDOSE", "RTRECORD", "RWV", "AU", "ECG"}
+_LOCALIZER_WORDS = re.compile(r"\b(scout|localizer|localiser|locator|topogram|surview|scanogram|survey|3.?plane.?loc)\b", re.I)
+
+
+def dicom_object_kind(header: Any) -> tuple[str, str]:
+    """What one DICOM object is, and why it is not an image volume when it is not one.
+
+    Returns ``(kind, reason)``; kinds: ``"image"`` (a slice or a multi-frame volume, reason
+    ``""``), ``"localizer"``, ``"secondary-capture"``, ``"no-geometry"`` (images that are no
+    volume to segment, but readable when asked for by name), ``"segmentation"``, ``"rtstruct"``
+    (label objects) and ``"non-image"`` (reports, presentation states, documents...).
+    """
+    sop = str(header.get("SOPClassUID", ""))
+    for uid, kind, reason in _SOP_KINDS:
+        if sop == uid or (uid.endswith(".") and sop.startswith(uid)):
+            return kind, reason
+    modality = str(header.get("Modality", "")).upper()
+    if modality in _NON_IMAGE_MODALITIES or "Rows" not in header or "Columns" not in header:
+        return "non-image", f"not an image (modality {modality or '?'}, no pixel data)"
+    image_type = [str(v).upper() for v in (header.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "localizer", "a localizer (ImageType LOCALIZER): a scout view, not a volume"
+    description = str(header.get("SeriesDescription", ""))
+    if _LOCALIZER_WORDS.search(description):
+        return "localizer", f"a localizer (series description '{description}'): a scout view, not a volume"
+    enhanced = "PerFrameFunctionalGroupsSequence" in header or "SharedFunctionalGroupsSequence" in header
+    if not enhanced and ("ImagePositionPatient" not in header or "ImageOrientationPatient" not in header):
+        return "no-geometry", "no ImagePositionPatient/ImageOrientationPatient: an image without patient geometry"
+    return "image", ""
+
+
+# --------------------------------------------------------------------------------------------
+# series references: one series (or one volume of it) inside a folder, as a path
+# --------------------------------------------------------------------------------------------
+
+# "<folder>?series=<SeriesInstanceUID>[&<Keyword>=<value>]": a series of a folder holding several,
+# optionally one volume of a series with repeated positions (a phase, a b-value). A path, so that
+# it fits everywhere an image path goes: datalists, segment cases, LoadVolumed, read_volume.
+_REFERENCE = re.compile(r"^(?P<folder>.+?)\?series=(?P<uid>[0-9][0-9.]*)(?P<split>(?:&[A-Za-z][A-Za-z0-9]*=[^&?]*)*)$")
+
+
+def series_reference(folder: str | os.PathLike, series_uid: str, split: dict[str, str] | None = None) -> str:
+    """The path form of one series in ``folder``: ``folder?series=UID[&Keyword=value]``.
+
+    ``split`` picks one volume of a series whose slices repeat positions (multi-phase, 4D), e.g.
+    ``{"TemporalPositionIdentifier": "2"}``. :func:`split_series_reference` is the inverse.
+    """
+    text = os.fspath(folder)
+    text = text.rstrip("/" + os.sep) or text
+    text = f"{text}?series={series_uid}"
+    for key, value in (split or {}).items():
+        text += f"&{key}={value}"
+    return text
+
+
+def split_series_reference(path: str | os.PathLike) -> tuple[str, str | None, dict[str, str]]:
+    """``(folder, series_uid, split)`` of a series reference; ``(path, None, {})`` for any other path."""
+    text = os.fspath(path)
+    match = _REFERENCE.match(text)
+    if not match:
+        return text, None, {}
+    split = dict(item.split("=", 1) for item in match.group("split").split("&") if item)
+    return match.group("folder"), match.group("uid"), split
+
+
+def is_series_reference(path: str | os.PathLike) -> bool:
+    return split_series_reference(path)[1] is not None
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The files an input path stands for (for fingerprints and sizes): a file itself, a folder's
+    (or a series reference's folder's) non-hidden files."""
+    folder = Path(split_series_reference(path)[0])
+    if folder.is_dir():
+        return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return [folder]
+
+
+# --------------------------------------------------------------------------------------------
+# slices, volumes, geometry
+# --------------------------------------------------------------------------------------------
+
+# Tags that may tell apart volumes stacked at the same positions (phases, time points,
+# b-values, echoes), tried in this order. Enhanced objects carry them per frame.
+SPLIT_KEYS = (
+    "TemporalPositionIdentifier",
+    "TemporalPositionIndex",
+    "AcquisitionNumber",
+    "StackID",
+    "DiffusionBValue",
+    "EchoNumbers",
+    "EffectiveEchoTime",
+    "EchoTime",
+    "TriggerTime",
+)
+TILT_TOLERANCE_VOXELS = 0.05  # in-plane drift of a slice (in pixels) below which it is not a tilt
+
+
+class DicomGeometryWarning(UserWarning):
+    """A DICOM series was read with corrected geometry (gantry tilt, a missing slice, uneven spacing)."""
+
+
+@dataclasses.dataclass
+class DicomSlice:
+    """One 2D plane of a series: a single-frame file, or one frame of a multi-frame file."""
+
+    path: str
+    frame: int | None  # index in a multi-frame file; None for a single-frame file
+    position: np.ndarray | None  # ImagePositionPatient (LPS mm)
+    orientation: np.ndarray | None  # ImageOrientationPatient (row then column direction)
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) in mm
+    thickness: float | None
+    tags: dict[str, str]  # SPLIT_KEYS values
+
+
+def _tag_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(_tag_text(v) or "" for v in value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    return f"{number:g}"
+
+
+def _first_item(dataset: Any, keyword: str) -> Any:
+    sequence = dataset.get(keyword) if dataset is not None else None
+    return sequence[0] if sequence else None
+
+
+def dicom_slices(path: str, header: Any) -> list[DicomSlice]:
+    """The planes of one object: one for a classic file, one per frame for an enhanced
+    multi-frame object (geometry from its per-frame and shared functional groups)."""
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None or len(per_frame) != frames:
+        position, orientation = header.get("ImagePositionPatient"), header.get("ImageOrientationPatient")
+        spacing = header.get("PixelSpacing")
+        tags = {key: text for key in SPLIT_KEYS if (text := _tag_text(header.get(key))) is not None}
+        return [
+            DicomSlice(
+                path,
+                None,
+                None if position is None else np.asarray(position, dtype=float),
+                None if orientation is None else np.asarray(orientation, dtype=float),
+                None if spacing is None else (float(spacing[0]), float(spacing[1])),
+                _float_or_none(header.get("SliceThickness")),
+                tags,
+            )
+        ]
+    shared = _first_item(header, "SharedFunctionalGroupsSequence")
+    slices = []
+    for index, group in enumerate(per_frame):
+        def find(sequence: str, keyword: str, group=group) -> Any:
+            for source in (group, shared):
+                item = _first_item(source, sequence)
+                if item is not None and keyword in item:
+                    return item.get(keyword)
+            return None
+
+        position = find("PlanePositionSequence", "ImagePositionPatient")
+        orientation = find("PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = find("PixelMeasuresSequence", "PixelSpacing")
+        tags = {}
+        for sequence, keyword in (
+            ("FrameContentSequence", "TemporalPositionIndex"),
+            ("FrameContentSequence", "StackID"),
+            ("FrameContentSequence", "FrameAcquisitionNumber"),
+            ("MRDiffusionSequence", "DiffusionBValue"),
+            ("MREchoSequence", "EffectiveEchoTime"),
+            ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+        ):
+            text = _tag_text(find(sequence, keyword))
+            if text is not None:
+                tags["AcquisitionNumber" if keyword == "FrameAcquisitionNumber" else
+                     "TriggerTime" if keyword == "NominalCardiacTriggerDelayTime" else keyword] = text
+        slices.append(
+            DicomSlice(
+                path,
+                index,
+                None if position is None else np.asarray(position, dtype=float),
+                None if orientation is None else np.asarray(orientation, dtype=float),
+                None if spacing is None else (float(spacing[0]), float(spacing[1])),
+                _float_or_none(find("PixelMeasuresSequence", "SliceThickness")),
+                tags,
+            )
+        )
+    return slices
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class DicomVolume:
+    """One 3D volume of a series: its planes sorted along the slice normal, and its geometry.
+
+    ``split`` is the tag value picking this volume when the series stacks several at the same
+    positions (``{}`` otherwise). ``direction`` (3x3, columns row/column/normal, LPS),
+    ``origin`` (the first plane's position), ``spacing`` ``(x, y, z)`` mm with ``z`` the even
+    spacing the volume is read at; ``along`` the planes' positions along the normal (mm,
+    relative to the first), ``shifts`` each plane's in-plane offset in pixels ``(i, j)`` (not
+    zero: gantry tilt). ``tilt_deg``, ``irregular`` (why the spacing is not even, or ``""``).
+    A single plane without geometry (a 2D image) has ``direction is None``.
+    """
+
+    series_uid: str
+    slices: list[DicomSlice]
+    split: dict[str, str] = dataclasses.field(default_factory=dict)
+    direction: np.ndarray | None = None
+    origin: np.ndarray | None = None
+    spacing: tuple[float, float, float] | None = None
+    along: np.ndarray | None = None
+    shifts: np.ndarray | None = None
+    tilt_deg: float = 0.0
+    irregular: str = ""
+
+    @property
+    def files(self) -> list[str]:
+        return list(dict.fromkeys(s.path for s in self.slices))
+
+    @property
+    def tilted(self) -> bool:
+        return self.shifts is not None and bool(np.abs(self.shifts).max(initial=0.0) > TILT_TOLERANCE_VOXELS)
+
+    @property
+    def resampled(self) -> bool:
+        """True when the volume is read on a corrected grid (gantry tilt, missing slice, uneven spacing)."""
+        return self.tilted or bool(self.irregular)
+
+    @property
+    def num_slices(self) -> int:
+        """Slices of the grid the volume is read at (more than its planes when a gap is filled)."""
+        if self.along is None or len(self.along) < 2 or not self.irregular:
+            return len(self.slices)
+        return int(round(float(self.along[-1] - self.along[0]) / self.spacing[2])) + 1
+
+    def geometry_notes(self) -> list[str]:
+        """One sentence per correction made when reading (what the summary's warnings say)."""
+        notes = []
+        if self.tilted:
+            notes.append(
+                f"gantry tilt {self.tilt_deg:.1f} deg: slices shifted in-plane by up to "
+                f"{np.abs(self.shifts).max():.1f} px; resampled to an orthogonal grid"
+            )
+        if self.irregular:
+            notes.append(f"{self.irregular}; resampled to {self.num_slices} slices at {self.spacing[2]:.4g} mm")
+        return notes
+
+
+def _orientation_problem(slices: Sequence[DicomSlice]) -> str | None:
+    if any(s.position is None or s.orientation is None for s in slices):
+        return "has no ImagePositionPatient/ImageOrientationPatient on every slice"
+    orientations = np.stack([s.orientation for s in slices])
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        count = len({tuple(np.round(o, 3)) for o in orientations})
+        return f"has slices in {count} different orientations (ImageOrientationPatient; a multi-plane localizer?)"
+    return None
+
+
+def _position_clusters(along: np.ndarray, tolerance: float) -> np.ndarray:
+    """An id per plane, equal for planes at the same position along the normal (within
+    ``tolerance`` of the typical gap, at least 0.01 mm)."""
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    real = gaps[gaps > 0.01]
+    threshold = max(0.01, tolerance * (float(np.median(real)) if real.size else 1.0))
+    ids = np.empty(len(along), dtype=np.int64)
+    ids[order] = np.concatenate([[0], np.cumsum(gaps > threshold)]) if len(along) else []
+    return ids
+
+
+def _split_volumes(slices: list[DicomSlice], normal: np.ndarray, tolerance: float) -> tuple[str | None, list[list[DicomSlice]]]:
+    """Group planes that repeat positions into volumes by the first tag of SPLIT_KEYS that
+    separates them: every group has each position once, at least two planes, and there are as
+    many groups as the most planes found at one position. ``(None, [slices])`` when no position
+    repeats; ValueError when positions repeat and no tag separates them."""
+    along = np.array([float(s.position @ normal) for s in slices])
+    ids = _position_clusters(along, tolerance)
+    per_position = int(np.bincount(ids).max(initial=1)) if len(ids) else 1
+    if per_position == 1:
+        return None, [slices]
+    for key in SPLIT_KEYS:
+        if not all(key in s.tags for s in slices):
+            continue
+        groups: dict[str, list[int]] = {}
+        for index, s in enumerate(slices):
+            groups.setdefault(s.tags[key], []).append(index)
+        if len(groups) != per_position or any(len(g) < 2 for g in groups.values()):
+            continue
+        if all(len(set(ids[g].tolist())) == len(g) for g in groups.values()):
+            ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
+            return key, [[slices[i] for i in g] for _, g in ordered]
+    raise ValueError(
+        f"{per_position} planes at one position and no tag ({', '.join(SPLIT_KEYS[:5])}, ...) that tells volumes apart"
+    )
+
+
+def _sort_key(text: str) -> tuple:
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def plan_dicom_volumes(series_uid: str, slices: list[DicomSlice], where: str, tolerance: float = 1e-2) -> tuple[str | None, list[DicomVolume]]:
+    """The volumes a series' planes make, each with its geometry: ``(split_by, volumes)``.
+
+    ``split_by`` is the tag that separates volumes stacked at the same positions (``None``: one
+    volume). Planes are sorted by their position along the slice normal
+    (``ImagePositionPatient . (row x column)``), never by ``InstanceNumber``. A gantry tilt
+    (planes shifted in-plane from one to the next) and uneven spacing (a missing slice) are
+    measured here and corrected when reading (:func:`read_dicom_volume`).
+
+    Raises:
+        DataError naming ``where``: missing or mixed orientations, positions that repeat with no
+        tag to tell the volumes apart (a duplicate slice).
+    """
+    if len(slices) == 1:
+        return None, [DicomVolume(series_uid, slices)]  # one file without per-frame geometry: read as it is
+    problem = _orientation_problem(slices)
+    if problem:
+        raise DataError(f"{where}: series {series_uid} {problem}")
+    row, col = slices[0].orientation[:3], slices[0].orientation[3:]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    try:
+        split_by, groups = _split_volumes(slices, normal, tolerance)
+    except ValueError as err:
+        along = np.array([float(s.position @ normal) for s in slices])
+        order = np.argsort(along, kind="stable")
+        gaps = np.diff(along[order])
+        k = int(np.argmin(gaps))  # the closest pair
+        first, second = slices[order[k]], slices[order[k + 1]]
+        raise DataError(
+            f"{where}: duplicate slice position {along[order[k]]:.4f} mm along the normal in "
+            f"{_plane_name(first)} and {_plane_name(second)} ({err})"
+        ) from None
+    volumes = []
+    for group in groups:
+        volume = _volume_geometry(series_uid, group, row, col, normal, tolerance)
+        if split_by:
+            volume.split = {split_by: group[0].tags[split_by]}
+        volumes.append(volume)
+    return split_by, volumes
+
+
+def _plane_name(plane: DicomSlice) -> str:
+    return Path(plane.path).name + ("" if plane.frame is None else f" frame {plane.frame + 1}")
+
+
+def _volume_geometry(series_uid: str, slices: list[DicomSlice], row, col, normal, tolerance: float) -> DicomVolume:
+    along = np.array([float(s.position @ normal) for s in slices])
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    along = along[order] - along[order[0]]
+    spacing = slices[0].pixel_spacing or (1.0, 1.0)
+    dx, dy = float(spacing[1]), float(spacing[0])  # PixelSpacing is (between rows, between columns)
+    origin = slices[0].position
+    volume = DicomVolume(series_uid, slices, direction=np.stack([row, col, normal], axis=1), origin=origin, along=along)
+    if len(slices) == 1:
+        volume.spacing = (dx, dy, float(slices[0].thickness or 1.0))
+        volume.shifts = np.zeros((1, 2))
+        return volume
+    offsets = np.stack([s.position - origin for s in slices])
+    in_plane = offsets - np.outer(along, normal)
+    volume.shifts = np.stack([in_plane @ row / dx, in_plane @ col / dy], axis=1)
+    if volume.tilted:
+        drift = float(np.linalg.norm(in_plane[-1]))
+        volume.tilt_deg = float(np.degrees(np.arctan2(drift, along[-1]))) if along[-1] > 0 else 0.0
+    gaps = np.diff(along)
+    median_gap = float(np.median(gaps))
+    if np.abs(gaps - median_gap).max() > tolerance * median_gap:
+        worst = int(np.argmax(np.abs(gaps - median_gap)))
+        missing = int(np.sum(np.maximum(np.round(gaps / median_gap) - 1, 0)))
+        what = f"{missing} missing slice(s)" if missing else "uneven slice spacing"
+        volume.irregular = (
+            f"{what}: gaps from {gaps.min():.4g} to {gaps.max():.4g} mm (median {median_gap:.4g}; "
+            f"{gaps[worst]:.4g} mm after {_plane_name(slices[worst])})"
+        )
+        count = int(round(float(along[-1]) / median_gap)) + 1
+        volume.spacing = (dx, dy, float(along[-1]) / (count - 1))
+    else:
+        volume.spacing = (dx, dy, float(along[-1]) / (len(slices) - 1))
+    return volume
+
+
+@dataclasses.dataclass
+class DicomSeriesGroup:
+    """One series found in one folder: its headers and what it is (see :func:`dicom_object_kind`)."""
+
+    folder: str
+    series_uid: str
+    headers: list[tuple[str, Any]]
+    kind: str
+    reason: str
+
+    @property
+    def first(self) -> Any:
+        return self.headers[0][1]
+
+    def slices(self) -> list[DicomSlice]:
+        return [plane for path, header in self.headers for plane in dicom_slices(path, header)]
+
+
+def dicom_series_in_folder(folder: str | os.PathLike, damaged: dict[str, str] | None = None) -> list[DicomSeriesGroup]:
+    """Every series directly in ``folder`` (grouped by ``SeriesInstanceUID``, files sorted by name),
+    with what it is. A series counts as an image when any of its objects is one (a CT series
+    whose first file is a localizer is still rare; its kind comes from its image objects)."""
+    series: dict[str, list[tuple[str, Any]]] = {}
+    for path, header in _dicom_headers(Path(folder), damaged):
+        series.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    groups = []
+    for uid, items in series.items():
+        kinds = []
+        for path, header in items:
+            try:
+                kinds.append(dicom_object_kind(header))
+            except _HEADER_ERRORS as err:
+                raise DataError(f"{path}: unreadable DICOM header ({type(err).__name__}: {err})") from err
+        kind, reason = next((k for k in kinds if k[0] == "image"), kinds[0])
+        if kind == "image":
+            items = [item for item, k in zip(items, kinds) if k[0] == "image"]  # a stray SR in an image series
+        groups.append(DicomSeriesGroup(str(folder), uid, items, kind, reason))
+    return groups
+
+
+# What a damaged header raises when its values are converted (pydicom converts lazily).
+_HEADER_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, NotImplementedError)
+
+
+def plan_series(group: DicomSeriesGroup, tolerance: float = 1e-2) -> tuple[str | None, list[DicomVolume]]:
+    """:func:`plan_dicom_volumes` for one series group; a damaged header is a DataError naming the folder."""
+    try:
+        return plan_dicom_volumes(group.series_uid, group.slices(), group.folder, tolerance)
+    except DataError:
+        raise
+    except _HEADER_ERRORS as err:
+        raise DataError(
+            f"{group.folder}: series {group.series_uid} has damaged geometry tags ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _describe(group: DicomSeriesGroup) -> str:
+    first = group.first
+    number = first.get("SeriesNumber", "")
+    return (
+        f"{group.series_uid} (series {number}, {len(group.headers)} files, {first.get('Modality', '?')} "
+        f"'{first.get('SeriesDescription', '')}'{'' if group.kind == 'image' else ', ' + group.kind})"
+    )
+
+
+def resolve_dicom_volume(path: str | os.PathLike, series_uid: str | None = None, tolerance: float = 1e-2) -> tuple[DicomVolume, dict]:
+    """The one volume a folder or series reference stands for, with descriptive info.
+
+    ``path``: a folder (holding one image series, possibly next to reports, localizers and
+    other non-volume objects, which are passed over), or a reference ``folder?series=UID``
+    (``&Keyword=value`` picks one volume of a series with repeated positions); ``series_uid``
+    does what the reference does.
+
+    Raises:
+        DataError naming the folder: no DICOM files, several image series and none chosen,
+        unknown series, a non-image series asked for, several volumes at the same positions and
+        none chosen (the message lists how to choose), and what :func:`plan_dicom_volumes` refuses.
+    """
+    folder_text, reference_uid, split = split_series_reference(path)
+    folder = Path(folder_text)
+    series_uid = series_uid or reference_uid
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    groups = dicom_series_in_folder(folder)
+    if not groups:
+        raise DataError(f"{folder}: no DICOM files in this folder (empty, or not a DICOM series folder)")
+    by_uid = {g.series_uid: g for g in groups}
+    if series_uid is None:
+        if len(groups) == 1:
+            group = groups[0]
+        else:
+            images = [g for g in groups if g.kind == "image"]
+            if len(images) != 1:
+                described = "; ".join(_describe(g) for g in groups)
+                raise DataError(
+                    f"{folder}: holds {len(groups)} DICOM series ({len(images)} image series), choose one with "
+                    f"series_uid=..., a path {Path(folder).name}?series=<uid>, or --series for segment and "
+                    f"datalist build (see python -m pipeline dicom scan): {described}"
+                )
+            group = images[0]
+    elif series_uid not in by_uid:
+        raise DataError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found: {', '.join(by_uid)})")
+    else:
+        group = by_uid[series_uid]
+    if group.kind in ("non-image", "segmentation", "rtstruct"):
+        raise DataError(f"{folder}: series {group.series_uid} is {group.reason}")
+    first = group.first
+    if "Rows" in first and "Columns" in first:
+        frames = sum(int(h.get("NumberOfFrames", 1) or 1) for _, h in group.headers)
+        check_claimed_size(folder, int(first.Rows) * int(first.Columns) * int(first.get("SamplesPerPixel", 1) or 1) * frames)
+    split_by, volumes = plan_series(group, tolerance)
+    if split:
+        unknown = sorted(set(split) - set(SPLIT_KEYS))
+        if unknown:
+            raise DataError(f"{path}: unknown volume selector(s) {unknown}; known: {', '.join(SPLIT_KEYS)}")
+        chosen = [v for v in volumes if all(v.split.get(k) == _tag_text(value) for k, value in split.items())]
+        if len(chosen) != 1:
+            found = ", ".join(f"{k}={v}" for volume in volumes for k, v in volume.split.items()) or "a single volume"
+            raise DataError(f"{path}: no volume of series {group.series_uid} with {split} (found: {found})")
+        volume = chosen[0]
+    elif len(volumes) > 1:
+        values = ", ".join(v.split[split_by] for v in volumes)
+        raise DataError(
+            f"{folder}: series {group.series_uid} holds {len(volumes)} volumes at the same positions "
+            f"(multi-phase or 4D: {split_by} {values}); choose one with "
+            f"{Path(folder).name}?series={group.series_uid}&{split_by}={volumes[0].split[split_by]}, "
+            "or --series to segment each as its own case"
+        )
+    else:
+        volume = volumes[0]
+    info = {
+        "series_instance_uid": group.series_uid,
+        "modality": str(first.get("Modality", "")),
+        "series_description": str(first.get("SeriesDescription", "")),
+    }
+    return volume, info
 
 
 def dicom_series_files(
     folder: str | os.PathLike, series_uid: str | None = None, tolerance: float = 1e-2
 ) -> tuple[list[str], dict]:
-    """Files of one DICOM series in ``folder``, sorted along the slice normal.
+    """Files of one DICOM volume, sorted along the slice normal, for objects that must match the
+    source slices one to one (a DICOM SEG references each source slice).
 
     Args:
-        folder: a folder holding the files of one series (other non-DICOM files are ignored).
-        series_uid: the ``SeriesInstanceUID`` to read when the folder holds several series.
+        folder: a folder holding the files of one series (other non-DICOM files, reports and
+            localizers are passed over), or a series reference ``folder?series=UID[&Keyword=value]``.
+        series_uid: the ``SeriesInstanceUID`` to read when the folder holds several image series.
         tolerance: relative tolerance on the slice spacing (duplicates: gap below
-            ``tolerance * median gap``; non-uniform: any gap differing from the median
+            ``tolerance * median gap``; uneven: any gap differing from the median
             by more than ``tolerance * median gap``).
 
     Returns:
@@ -354,108 +949,114 @@ def dicom_series_files(
         is empty for a single-file series (multi-frame or one slice), read as is.
 
     Raises:
-        DataError: empty folder, several series without ``series_uid``, unknown
-            ``series_uid``, inconsistent orientation, duplicate positions, non-uniform spacing.
+        DataError: everything :func:`resolve_dicom_volume` refuses, and volumes that
+        :func:`read_dicom_series` reads on a corrected grid (gantry tilt, missing slice, uneven
+        spacing) or whose frames are not stored in slice order: such a grid no longer matches the
+        source slices one to one.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    headers = _dicom_headers(folder)
-    if not headers:
-        raise DataError(f"{folder}: no DICOM files in this folder (empty, or not a DICOM series folder)")
-
-    series: dict[str, list[tuple[str, Any]]] = {}
-    for path, header in headers:
-        series.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
-    if series_uid is None:
-        if len(series) > 1:
-            described = "; ".join(
-                f"{uid} ({len(items)} files, {items[0][1].get('Modality', '?')} "
-                f"'{items[0][1].get('SeriesDescription', '')}')"
-                for uid, items in series.items()
-            )
-            raise DataError(
-                f"{folder}: holds {len(series)} DICOM series, choose one with series_uid=...: {described}"
-            )
-        series_uid = next(iter(series))
-    if series_uid not in series:
-        raise DataError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found: {', '.join(series)})")
-    items = series[series_uid]
-    first = items[0][1]
-    if "Rows" in first and "Columns" in first:
-        frames = sum(int(h.get("NumberOfFrames", 1) or 1) for _, h in items)
-        check_claimed_size(folder, int(first.Rows) * int(first.Columns) * int(first.get("SamplesPerPixel", 1) or 1) * frames)
-    info = {
-        "series_instance_uid": series_uid,
-        "modality": str(first.get("Modality", "")),
-        "series_description": str(first.get("SeriesDescription", "")),
-    }
-    if len(items) == 1:
-        return [items[0][0]], info
-
-    orientations, positions = [], []
-    for path, header in items:
-        iop, ipp = header.get("ImageOrientationPatient"), header.get("ImagePositionPatient")
-        if iop is None or ipp is None:
-            raise DataError(f"{folder}: {Path(path).name} has no ImageOrientationPatient/ImagePositionPatient")
-        orientations.append(np.asarray(iop, dtype=float))
-        positions.append(np.asarray(ipp, dtype=float))
-    orientations = np.stack(orientations)
-    if np.abs(orientations - orientations[0]).max() > 1e-3:
-        raise DataError(f"{folder}: slices of series {series_uid} have different ImageOrientationPatient")
-    row, col = orientations[0][:3], orientations[0][3:]
-    normal = np.cross(row, col)
-    normal /= np.linalg.norm(normal)
-    along = np.stack(positions) @ normal
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    gaps = np.diff(along)
-    median_gap = float(np.median(gaps))
-    files = [items[i][0] for i in order]
-    if gaps.min() <= tolerance * max(median_gap, 1e-3):
-        k = int(np.argmin(gaps))
+    volume, info = resolve_dicom_volume(folder, series_uid, tolerance)
+    files = volume.files
+    if volume.resampled:
         raise DataError(
-            f"{folder}: duplicate slice position {along[k]:.4f} mm along the normal in "
-            f"{Path(files[k]).name} and {Path(files[k + 1]).name}"
+            f"{folder}: {'; '.join(volume.geometry_notes())} when read, so its grid no longer matches the "
+            "source slices one to one"
         )
-    if np.abs(gaps - median_gap).max() > tolerance * median_gap:
-        raise DataError(
-            f"{folder}: non-uniform slice spacing (gaps from {gaps.min():.4f} to {gaps.max():.4f} mm, "
-            f"median {median_gap:.4f}); a slice is probably missing"
-        )
-    info.update(
-        direction=np.stack([row, col, normal], axis=1),
-        origin=positions[order[0]],
-        slice_spacing=float((along[-1] - along[0]) / (len(along) - 1)),
-    )
+    if len(files) == 1:
+        frames = [s.frame for s in volume.slices]
+        if frames != sorted(frames, key=lambda f: -1 if f is None else f):
+            raise DataError(f"{folder}: the frames of {Path(files[0]).name} are not stored in slice order")
+        return files, info
+    if len(files) != len(volume.slices):
+        raise DataError(f"{folder}: the volume's planes come from multi-frame files; no one-to-one file order")
+    info.update(direction=volume.direction, origin=volume.origin, slice_spacing=volume.spacing[2])
     return files, info
+
+
+def _read_planes(volume: DicomVolume, where: str) -> np.ndarray:
+    """Pixel planes of ``volume`` in its slice order, ``(k, rows, columns[, samples])``,
+    decoded by SimpleITK/GDCM (JPEG lossless, JPEG-LS, JPEG 2000 and RLE included)."""
+    if all(s.frame is None for s in volume.slices) and len(volume.files) == len(volume.slices):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(volume.files)
+        previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own "non uniform sampling" notice: we say it better
+        try:
+            image = reader.Execute()
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+        return sitk.GetArrayFromImage(image)
+    decoded: dict[str, np.ndarray] = {}
+    planes = []
+    for plane in volume.slices:
+        if plane.path not in decoded:
+            array = sitk.GetArrayFromImage(sitk.ReadImage(plane.path))  # (frames, rows, columns[, samples])
+            decoded[plane.path] = array if array.ndim >= 3 else array[None]
+        planes.append(decoded[plane.path][plane.frame or 0])
+    return np.stack(planes)
+
+
+def _correct_geometry(planes: np.ndarray, volume: DicomVolume) -> np.ndarray:
+    """Resample a tilted or unevenly spaced stack ``(k, rows, columns[, c])`` onto the even,
+    orthogonal grid of ``volume`` (linear interpolation; outside the scanned field: its minimum)."""
+    from scipy import ndimage
+
+    array = planes.astype(np.float32)
+    if volume.tilted:
+        fill = float(array.min())
+        extra = (0,) * (array.ndim - 3)
+        for k, (shift_i, shift_j) in enumerate(volume.shifts):
+            if abs(shift_i) > 1e-6 or abs(shift_j) > 1e-6:
+                array[k] = ndimage.shift(array[k], (shift_j, shift_i) + extra, order=1, mode="constant", cval=fill)
+    if volume.irregular:
+        along = volume.along
+        target = np.arange(volume.num_slices) * volume.spacing[2]
+        upper = np.clip(np.searchsorted(along, target, side="right"), 1, len(along) - 1)
+        lower = upper - 1
+        weight = ((target - along[lower]) / (along[upper] - along[lower])).astype(np.float32)
+        weight = weight.reshape((-1,) + (1,) * (array.ndim - 1))
+        array = (1 - weight) * array[lower] + weight * array[upper]
+    return array
+
+
+def read_dicom_volume(volume: DicomVolume, where: str) -> sitk.Image:
+    """Read a planned volume into a SimpleITK image with the geometry its headers define.
+
+    A gantry tilt or uneven spacing is resampled to an even, orthogonal grid with a
+    :class:`DicomGeometryWarning` (never sheared silently: reading the shifted planes onto an
+    orthogonal grid as they are would shear the anatomy).
+    """
+    try:
+        if volume.direction is None:  # a 2D image without geometry: as SimpleITK reads it
+            return sitk.ReadImage(volume.slices[0].path)
+        planes = _read_planes(volume, where)
+    except RuntimeError as err:
+        raise DataError(f"{where}: SimpleITK cannot read the series: {_first_line(err)}") from err
+    if volume.resampled:
+        notes = volume.geometry_notes()
+        warnings.warn(f"{where}: {'; '.join(notes)}", DicomGeometryWarning, stacklevel=2)
+        planes = _correct_geometry(planes, volume)
+    vector = planes.ndim == 4
+    image = sitk.GetImageFromArray(planes, isVector=vector)
+    image.SetDirection(tuple(float(v) for v in volume.direction.ravel()))
+    image.SetOrigin(tuple(float(v) for v in volume.origin))
+    image.SetSpacing(tuple(float(v) for v in volume.spacing))
+    return image
 
 
 def read_dicom_series(
     folder: str | os.PathLike, series_uid: str | None = None, tolerance: float = 1e-2
 ) -> tuple[sitk.Image, dict]:
-    """Read one DICOM series folder into a SimpleITK image with the geometry DICOM defines.
+    """Read one DICOM series (a folder or a series reference) into a SimpleITK image.
 
-    Returns ``(image, info)`` with ``info`` as in :func:`dicom_series_files`.
+    Returns ``(image, info)``: ``info`` has the series' UID, modality and description, the
+    number of files, and ``dicom_geometry`` when the grid was corrected (gantry tilt, missing
+    slice, uneven spacing; a :class:`DicomGeometryWarning` says so too).
     """
-    files, info = dicom_series_files(folder, series_uid=series_uid, tolerance=tolerance)
-    try:
-        if len(files) == 1:
-            image = sitk.ReadImage(files[0])
-        else:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
-    except RuntimeError as err:
-        raise DataError(f"{folder}: SimpleITK cannot read the series: {_first_line(err)}") from err
-    if "direction" in info and image.GetDimension() == 3:
-        # State the geometry from the headers explicitly rather than trusting the reader's
-        # first-to-last-file heuristic: origin = first slice, third axis = the slice normal.
-        image.SetDirection(tuple(info["direction"].ravel()))
-        image.SetOrigin(tuple(float(v) for v in info["origin"]))
-        image.SetSpacing(tuple(image.GetSpacing()[:2]) + (info["slice_spacing"],))
-    info = {k: v for k, v in info.items() if isinstance(v, str)}
-    info["dicom_num_files"] = len(files)
+    volume, info = resolve_dicom_volume(folder, series_uid, tolerance)
+    image = read_dicom_volume(volume, str(folder))
+    info["dicom_num_files"] = len(volume.files)
+    if volume.resampled:
+        info["dicom_geometry"] = "; ".join(volume.geometry_notes())
     return image, info
 
 
@@ -602,7 +1203,8 @@ class SimpleITKReader(ImageReader):
     Args:
         channel_dim: channel axis of the array; default: none for scalar images, last for
             vector pixels (RGB).
-        series_uid: SeriesInstanceUID to read when a folder holds several series.
+        series_uid: SeriesInstanceUID to read when a folder holds several image series (or
+            give the path as a series reference ``folder?series=UID``).
         tolerance: relative slice-spacing tolerance for DICOM series (see :func:`dicom_series_files`).
     """
 
@@ -613,8 +1215,10 @@ class SimpleITKReader(ImageReader):
         self.tolerance = tolerance
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        """True for folders (DICOM series) and the suffixes in ``SITK_SUFFIXES``."""
-        return all(Path(f).is_dir() or str(f).lower().endswith(SITK_SUFFIXES) for f in ensure_tuple(filename))
+        """True for folders (DICOM series), series references and the suffixes in ``SITK_SUFFIXES``."""
+        return all(
+            Path(f).is_dir() or is_series_reference(f) or str(f).lower().endswith(SITK_SUFFIXES) for f in ensure_tuple(filename)
+        )
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> LoadedImage | list[LoadedImage]:
         """Read one path (or several, stacked as channels by :meth:`get_data`)."""
@@ -623,12 +1227,14 @@ class SimpleITKReader(ImageReader):
         return loaded if len(names) > 1 else loaded[0]
 
     def _read_one(self, path: str) -> LoadedImage:
-        if Path(path).is_dir():
+        if Path(path).is_dir() or is_series_reference(path):
             image, info = read_dicom_series(path, series_uid=self.series_uid, tolerance=self.tolerance)
             return LoadedImage(image, path, info)
         if not Path(path).exists():
             raise DataError(f"{path}: file not found")
         _check_sitk_size(path)
+        if is_dicom_file(path):
+            _check_dicom_file(Path(path))
         try:
             image = sitk.ReadImage(path)
         except RuntimeError as err:
@@ -693,7 +1299,7 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> tuple
         DataError naming ``path`` when it is missing, unreadable or corrupt.
     """
     path = str(path)
-    if Path(path).is_dir():
+    if Path(path).is_dir() or is_series_reference(path):
         return _read_sitk(SimpleITKReader(series_uid=series_uid), path)
     if not Path(path).exists():
         raise DataError(f"{path}: file not found")

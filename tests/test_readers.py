@@ -14,6 +14,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 
 from pipeline.data import DataError
 from pipeline.readers import (
+    DicomGeometryWarning,
     SimpleITKReader,
     dicom_series_files,
     read_volume,
@@ -195,13 +196,21 @@ def test_duplicate_slice_positions(tmp_path):
         read_volume(folder)
 
 
-def test_non_uniform_spacing_missing_slice(tmp_path):
+def test_missing_slice_is_resampled_with_a_warning_and_refused_where_slices_must_match(tmp_path):
+    """A gap in the stack is filled by linear interpolation (the values here are linear in k, so
+    the filled slice equals the lost one), with a warning; a DICOM SEG's file list refuses it."""
     folder = _series(tmp_path, n=6)
+    original = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     (folder / "slice_0003.dcm").unlink()
-    with pytest.raises(DataError, match=r"series: non-uniform slice spacing .*missing"):
-        read_volume(folder)
-    with pytest.raises(DataError, match="non-uniform"):  # through the pipeline's loader as well
-        LoadVolumed("image")({"image": str(folder)})
+    with pytest.warns(DicomGeometryWarning, match=r"1 missing slice.*resampled to 6 slices at 2 mm"):
+        array, affine = read_volume(folder)
+    np.testing.assert_allclose(array, original, atol=1e-4)
+    assert affine[2, 2] == pytest.approx(2.0)
+    with pytest.warns(DicomGeometryWarning):  # through the pipeline's loader as well
+        loaded = LoadVolumed("image")({"image": str(folder)})["image"]
+    assert tuple(loaded.shape) == (4, 5, 6)
+    with pytest.raises(DataError, match=r"missing slice.*no longer matches the source slices"):
+        dicom_series_files(folder)
 
 
 def test_write_dicom_series_refuses_non_integer_values(tmp_path):

@@ -1,0 +1,328 @@
+"""PACS exports as labs get them: built from real CT pixel data in a temp folder, then scanned,
+selected, read, segmented or refused exactly as docs/dicom.md says.
+
+The exports are written with pydicom from pydicom's own ``CT_small.dcm`` (a real CT slice and a
+real scanner header): a stack of that slice, shrunk towards both ends like a torso, makes a
+body-shaped volume with real CT texture. Geometry tests (tilt, a missing slice) use a linear
+ramp in patient coordinates instead, so that the corrected read can be checked voxel by voxel
+(linear interpolation reproduces a linear function exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pipeline import dicom
+from pipeline.readers import (
+    DataError,
+    DicomGeometryWarning,
+    dicom_series_files,
+    read_volume,
+    series_reference,
+    split_series_reference,
+)
+
+CT_SMALL = get_testdata_file("CT_small.dcm")
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
+AIR = -1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# building exports
+# --------------------------------------------------------------------------------------------
+
+
+def body_volume(n: int, size: int = 48) -> np.ndarray:
+    """``(i, j, k)`` HU volume from the real CT slice: shrunk towards both ends, a torso-like body."""
+    from scipy import ndimage
+
+    ds = pydicom.dcmread(CT_SMALL)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    hu = ndimage.zoom(hu, size / hu.shape[0], order=1).T  # (columns i, rows j)
+    centre = (np.asarray(hu.shape) - 1) / 2
+    slices = []
+    for k in range(n):
+        scale = 1.0 - 0.35 * ((k - (n - 1) / 2) / max(n / 2, 1)) ** 2
+        matrix = np.eye(2) / scale
+        offset = centre - matrix @ centre
+        slices.append(ndimage.affine_transform(hu, matrix, offset, order=1, cval=AIR))
+    return np.round(np.stack(slices, axis=-1))
+
+
+class Study:
+    """One patient's study: shared patient/study attributes from a real CT header, and file names
+    ``IM0001``, ``IM0002``, ... handed out across every series written into it (a flat export)."""
+
+    def __init__(self, folder: Path, names: str = "IM{:04d}", patient: str = "Doe^Jane", patient_id: str = "MRN0042"):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.names = names
+        self.count = 0
+        self.study_uid = generate_uid()
+        self.frame_uid = generate_uid()
+        self.patient, self.patient_id = patient, patient_id
+
+    def next_path(self, folder: Path | None = None) -> Path:
+        self.count += 1
+        folder = self.folder if folder is None else Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / self.names.format(self.count)
+
+    def template(self) -> Dataset:
+        ds = pydicom.dcmread(CT_SMALL)
+        ds.PatientName, ds.PatientID = self.patient, self.patient_id
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = self.study_uid, self.frame_uid
+        ds.StudyDescription = "CT ABDOMEN"
+        ds.AccessionNumber = "ACC123"
+        return ds
+
+    def series(
+        self,
+        volume_hu: np.ndarray,
+        spacing=(0.8, 0.8, 2.5),
+        origin=(-20.0, -20.0, 0.0),
+        orientation=(1, 0, 0, 0, 1, 0),
+        number: int = 2,
+        description: str = "Abdomen 2.5 B30f",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        positions=None,
+        per_slice=None,
+        folder: Path | None = None,
+        series_uid: str | None = None,
+    ) -> list[Path]:
+        """Write ``volume_hu`` ``(i, j, k)`` as one CT series, slice k at ``positions[k]`` (default:
+        ``origin + k * spacing[2] * normal``); ``per_slice(k)`` gives extra tags per slice."""
+        row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        normal = np.cross(row, col)
+        series_uid = series_uid or generate_uid()
+        paths = []
+        for k in range(volume_hu.shape[2]):
+            ds = self.template()
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, description
+            ds.ImageType = list(image_type)
+            ds.InstanceNumber = k + 1
+            position = np.asarray(origin, float) + k * spacing[2] * normal if positions is None else np.asarray(positions[k], float)
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+            ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+            ds.PixelSpacing = [spacing[1], spacing[0]]
+            ds.SliceThickness = spacing[2]
+            ds.AcquisitionNumber = 1
+            stored = np.round(volume_hu[:, :, k].T + 1024).astype(np.int16)  # (rows j, columns i)
+            ds.Rows, ds.Columns = stored.shape
+            ds.PixelData = stored.tobytes()
+            for key, value in (per_slice(k) if per_slice else {}).items():
+                setattr(ds, key, value)
+            path = self.next_path(folder)
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        return paths
+
+    def _non_image(self, sop_class: str, modality: str, number: int, description: str) -> Dataset:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.Modality, ds.SeriesNumber, ds.SeriesDescription = modality, number, description
+        ds.PatientName, ds.PatientID, ds.StudyInstanceUID = self.patient, self.patient_id, self.study_uid
+        template = self.template()
+        for key in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription", "FrameOfReferenceUID"):
+            setattr(ds, key, template.get(key, ""))
+        ds.SeriesInstanceUID = generate_uid()
+        ds.InstanceNumber = 1
+        ds.ContentDate, ds.ContentTime = template.StudyDate, "120000"
+        return ds
+
+    def dose_report(self, number: int = 997, folder: Path | None = None) -> Path:
+        ds = self._non_image(DOSE_SR, "SR", number, "Dose Report")
+        ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+        title = Dataset()
+        title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "113701", "DCM", "X-Ray Radiation Dose Report"
+        ds.ConceptNameCodeSequence = [title]
+        item = Dataset()
+        item.ValueType, item.TextValue = "TEXT", "CTDIvol 8.2 mGy"
+        ds.ContentSequence = [item]
+        path = self.next_path(folder)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    def screenshot(self, number: int = 998, folder: Path | None = None) -> Path:
+        """A secondary capture: an RGB picture of the real slice, no patient geometry."""
+        ds = self._non_image(SECONDARY_CAPTURE, "OT", number, "Patient Protocol")
+        grey = pydicom.dcmread(CT_SMALL).pixel_array[::2, ::2]
+        grey = (255 * (grey - grey.min()) / np.ptp(grey)).astype(np.uint8)
+        ds.Rows, ds.Columns = grey.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.PixelData = np.repeat(grey[..., None], 3, axis=-1).tobytes()
+        path = self.next_path(folder)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+
+def write_dicomdir(root: Path, files: list[Path]) -> Path:
+    """A DICOMDIR (pydicom's FileSet) whose records reference ``files`` by their own names."""
+    from pydicom.fileset import FileSet
+
+    staging = root.parent / (root.name + ".fileset")
+    fileset = FileSet()
+    for path in files:
+        fileset.add(str(path))
+    fileset.write(str(staging))
+    written = pydicom.dcmread(staging / "DICOMDIR")
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
+    for record in written.DirectoryRecordSequence:
+        if "ReferencedSOPInstanceUIDInFile" in record:
+            record.ReferencedFileID = list(by_uid[record.ReferencedSOPInstanceUIDInFile].relative_to(root).parts)
+    written.save_as(root / "DICOMDIR", enforce_file_format=True)
+    import shutil
+
+    shutil.rmtree(staging)
+    return root / "DICOMDIR"
+
+
+def flat_export(folder: Path) -> dict[str, list[Path]]:
+    """A flat PACS export: localizer, axial 5 mm, axial 2.5 mm (venous), coronal 3 mm reformat,
+    a dose report (SR) and a secondary capture, files IM0001... without suffix, and a DICOMDIR."""
+    study = Study(folder)
+    volume = body_volume(16)
+    files = {}
+    topogram = volume.mean(axis=1, keepdims=True)  # (i, 1, k): an AP projection
+    files["localizer"] = study.series(
+        np.round(topogram[:, :, ::-1].transpose(0, 2, 1)), spacing=(0.8, 2.5, 1.0), origin=(-20, 0, 37.5),
+        orientation=(1, 0, 0, 0, 0, -1), number=1, description="Topogram 0.6 T20f", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
+    thick = (volume[:, :, 0::2] + volume[:, :, 1::2]) / 2
+    files["axial_5mm"] = study.series(np.round(thick), spacing=(0.8, 0.8, 5.0), origin=(-20, -20, 1.25), number=2, description="Abdomen 5.0 B30f")
+    files["axial_2.5mm"] = study.series(volume, number=3, description="Abdomen venous 2.5 B30f")
+    coronal = volume[:, ::4, ::-1].transpose(0, 2, 1)  # (i, z top->bottom, y): one coronal plane per 3.2 mm
+    files["coronal"] = study.series(
+        coronal, spacing=(0.8, 2.5, 3.2), origin=(-20, -20, 37.5), orientation=(1, 0, 0, 0, 0, -1), number=4,
+        description="Cor 3.0 MPR", image_type=("DERIVED", "SECONDARY", "REFORMATTED"),
+    )
+    files["sr"] = [study.dose_report()]
+    files["sc"] = [study.screenshot()]
+    write_dicomdir(folder, [p for paths in files.values() for p in paths])
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------------
+
+
+def test_series_reference_round_trip():
+    reference = series_reference("/data/p1/CT/", "1.2.840.10008.9", {"TemporalPositionIdentifier": "2"})
+    assert reference == "/data/p1/CT?series=1.2.840.10008.9&TemporalPositionIdentifier=2"
+    assert split_series_reference(reference) == ("/data/p1/CT", "1.2.840.10008.9", {"TemporalPositionIdentifier": "2"})
+    assert split_series_reference("/data/p1/CT") == ("/data/p1/CT", None, {})
+    assert split_series_reference("/data/what?series=x") == ("/data/what?series=x", None, {})  # not a UID
+
+
+# --------------------------------------------------------------------------------------------
+# the flat export: scan and selection
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("pacs") / "export"
+    return folder, flat_export(folder)
+
+
+def by_number(entries) -> dict:
+    return {e.series_number: e for e in entries}
+
+
+def test_scan_lists_every_series_with_what_would_be_done(export):
+    folder, files = export
+    assert sorted(p.name for p in folder.iterdir())[:3] == ["DICOMDIR", "IM0001", "IM0002"]
+    entries = by_number(dicom.scan(folder))
+    assert sorted(entries) == [1, 2, 3, 4, 997, 998]
+    localizer, thick, thin, coronal, sr, sc = (entries[n] for n in (1, 2, 3, 4, 997, 998))
+    assert (localizer.kind, localizer.action) == ("localizer", "skip") and "LOCALIZER" in localizer.why
+    assert (sr.kind, sr.action) == ("non-image", "skip") and "structured report" in sr.why
+    assert (sc.kind, sc.action) == ("secondary-capture", "skip") and "screenshot" in sc.why
+    assert (thin.orientation, thin.slices, thin.thickness, thin.frames_per_position) == ("axial", 16, 2.5, 1)
+    assert thin.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert (thick.orientation, thick.slices, thick.thickness) == ("axial", 8, 5.0)
+    assert (coronal.orientation, coronal.slices) == ("coronal", 12)
+    # without rules: three image series in one folder are a choice for the user
+    for entry in (thick, thin, coronal):
+        assert entry.action == "skip" and "3 image series in this folder: choose with --series" in entry.why
+
+
+def test_axial_thinnest_picks_the_thin_venous_series(export):
+    folder, files = export
+    entries = by_number(dicom.select(dicom.scan(folder), dicom.SeriesSelection.parse(["axial-thinnest"])))
+    assert [n for n, e in entries.items() if e.action == "use"] == [3]
+    assert "axial-thinnest picked series 3" in entries[2].why and "2.5 mm" in entries[2].why
+    assert "not axial" in entries[4].why or "not chosen" in entries[4].why
+    assert entries[1].action == entries[997].action == entries[998].action == "skip"  # never candidates
+    chosen = entries[3]
+    assert split_series_reference(chosen.path)[1] == chosen.series_uid
+    array, affine = read_volume(chosen.path)
+    assert array.shape == (48, 48, 16)
+    assert affine[2, 2] == pytest.approx(2.5)
+    np.testing.assert_allclose(array, body_volume(16), atol=0.5)  # real HU, stacked by position
+
+
+@pytest.mark.parametrize(
+    "rules, used",
+    [
+        (["modality=CT"], [2, 3, 4]),
+        (["description~venous"], [3]),
+        (["description~abdomen", "axial-thinnest"], [3]),
+        (["orientation=coronal"], [4]),
+        (["number=2"], [2]),
+        (["all"], [2, 3, 4]),
+        (["modality=MR"], []),
+    ],
+)
+def test_series_rules(export, rules, used):
+    folder, _ = export
+    entries = dicom.select(dicom.scan(folder), dicom.SeriesSelection.parse(rules))
+    assert sorted(e.series_number for e in entries if e.action == "use") == used
+    assert all(e.action == "skip" for e in entries if e.series_number in (1, 997, 998))
+
+
+@pytest.mark.parametrize("rule", ["modality", "colour=red", "thinnest-axial", "description~("])
+def test_bad_rules_are_usage_errors(rule):
+    with pytest.raises(ValueError, match="--series"):
+        dicom.SeriesSelection.parse([rule])
+
+
+def test_reading_the_export_folder_without_a_choice_names_the_series(export):
+    folder, _ = export
+    with pytest.raises(DataError, match=r"holds 6 DICOM series \(3 image series\), choose one .*--series"):
+        read_volume(folder)
+
+
+def test_scan_command_table_and_json(export, capsys):
+    folder, _ = export
+    assert dicom.main(["scan", str(folder), "--series", "axial-thinnest"]) == 0
+    table = capsys.readouterr().out
+    assert "Doe" not in table and "MRN0042" not in table and "P1-S1" in table
+    assert "6 series in 1 folder(s); 1 to use with --series axial-thinnest" in table
+    assert dicom.main(["scan", str(folder), "--json", "--show-phi"]) == 1  # no rule: nothing chosen
+    rows = json.loads(capsys.readouterr().out)["series"]
+    assert {r["patient_id"] for r in rows} == {"MRN0042"}
+    assert dicom.main(["scan", str(folder), "--series", "colour=red"]) == 2
