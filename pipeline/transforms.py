@@ -13,8 +13,8 @@ Chains (all return :class:`monai.transforms.Compose`):
   with ``spatial_dims=2`` the crops are one slice thick ``(H, W, 1)`` and the slice axis is
   squeezed: 2D training samples come straight from the volumes, no slice files are written.
 * evaluation/inference: the same deterministic part on whole volumes; everything is
-  invertible so :func:`postprocessing` maps predictions back onto each input's own grid
-  (shape and affine) with ``Invertd``.
+  invertible so :func:`postprocessing` maps the predicted probabilities back onto each
+  input's own grid (shape and affine) with ``Invertd``, then thresholds them there.
 
 Every volume is handled as 3D: a 2D image on disk (e.g. a 2D NIfTI) becomes a one-slice
 volume ``(C, H, W, 1)``, so the 2D bundle's ``SliceInferer`` runs on the same tensors.
@@ -929,27 +929,34 @@ def postprocessing(
     keys: Sequence[str] = ("pred",),
     invert: bool = True,
 ) -> Compose:
-    """Logits -> discrete mask -> [largest component] -> input grid -> [``<name>_seg.nii.gz``].
+    """Logits -> probabilities -> [input grid] -> discrete mask -> [largest component] -> [``<name>_seg.nii.gz``].
 
-    ``out_channels == 1``: sigmoid and threshold 0.5; otherwise softmax and argmax (one
-    channel of class indices). ``Invertd`` undoes ``preprocessing`` (crop, spacing,
-    orientation) with nearest interpolation, using the ``"image"`` key's transform trace,
-    so the mask has the input's exact shape and affine. Masks are saved as uint8.
+    ``out_channels == 1``: sigmoid, threshold 0.5; otherwise softmax, argmax (one channel of
+    class indices). With ``invert``, ``Invertd`` undoes ``preprocessing`` (crop, spacing,
+    orientation) on the *probabilities*, with the image's (linear) interpolation, and only
+    then are they discretised (nnU-Net does the same): boundaries are placed at 0.5 on the
+    input grid instead of being blocks of the working grid. Outside the body crop the
+    probabilities are padded with 0, i.e. background. The mask has the input's exact shape
+    and affine; saved masks are uint8.
+
+    Memory: the input grid holds the probabilities, ``out_channels`` float32 arrays (1 for
+    sigmoid), e.g. 2 x 4 B x 512x512x300 = 630 MB for two classes, while ``Invertd``
+    resamples them (its input on the working grid and its output); the discrete mask
+    replaces them.
     """
     keys = list(keys)
     if out_channels == 1:
-        chain = [Activationsd(keys, sigmoid=True), AsDiscreted(keys, threshold=0.5)]
-        labels = [1]
+        chain, discrete, labels = [Activationsd(keys, sigmoid=True)], AsDiscreted(keys, threshold=0.5), [1]
     else:
-        chain = [Activationsd(keys, softmax=True), AsDiscreted(keys, argmax=True)]
-        labels = list(range(1, out_channels))
-    if largest_component:
-        chain.append(KeepLargestComponentd(keys, labels))
+        chain, discrete, labels = [Activationsd(keys, softmax=True)], AsDiscreted(keys, argmax=True), list(range(1, out_channels))
     if invert:
         chain += [
-            Invertd(keys, transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
+            Invertd(keys, transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
             MatchInputDimsd(keys),
         ]
+    chain.append(discrete)
+    if largest_component:
+        chain.append(KeepLargestComponentd(keys, labels))
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         chain.append(

@@ -14,7 +14,7 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.transforms import NormalizeIntensityd
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, NormalizeIntensityd
 from scipy import ndimage
 
 from pipeline.demo_data import mni_tissue_volumes
@@ -278,6 +278,29 @@ def test_batched_inference_round_trip(tmp_path):
         saved, reference = nib.load(tmp_path / "out" / f"{name}_seg.nii.gz"), nib.load(item["image"])
         assert saved.shape == reference.shape
         np.testing.assert_allclose(saved.affine, reference.affine, atol=1e-5)
+
+
+def test_postprocessing_resamples_probabilities_before_thresholding(tmp_path):
+    """A ball predicted on a 3 mm grid comes back to the 1 mm input smooth, not as 3 mm blocks."""
+    shape = (40, 40, 40)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    ball = ((grid - 19.5) ** 2).sum(0) <= 10.3**2
+    image = np.where(ball, 200, 40).astype(np.int16)
+    image[:3], image[-3:] = -1000, -1000  # air on two sides: a real body crop
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "ball.nii.gz")
+    pre = inference_transforms(preset="ct", pixdim=(3.0, 3.0, 3.0), intensity={"a_min": -100, "a_max": 300})
+    data = pre({"image": str(tmp_path / "ball.nii.gz")})
+    logits = (data["image"] - 0.55) * 10  # the ball (0.75) against the body (0.35), as seen on the 3 mm grid
+    mask = postprocessing(pre)({**data, "pred": logits})["pred"]
+    nearest = Compose([Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5),
+                       Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)])({**data, "pred": logits})["pred"]
+
+    def dice(m):
+        m = np.asarray(m[0]) > 0.5
+        return 2 * (m & ball).sum() / (m.sum() + ball.sum())
+
+    assert tuple(mask.shape) == (1, *shape) and set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
+    assert dice(mask) > 0.92 and dice(mask) > dice(nearest) + 0.01, (dice(mask), dice(nearest))  # 0.93 vs 0.91
 
 
 # --------------------------------------------------------------------------------------------
