@@ -1,4 +1,11 @@
-"""Cases: what to segment, found in a folder or a datalist, each with a unique, predictable id."""
+"""Cases: what to segment, found in a folder or a datalist, each with a unique, predictable id.
+
+Without ``--series`` a folder directly holding DICOM files is one case (reports, localizers and
+screenshots next to its one image series are passed over by the reader). With ``--series``
+rules (:mod:`pipeline.dicom`) every DICOM folder under the input is inventoried and the rules
+choose, per study, which series (and which volumes of a multi-phase series) become cases; the
+others are listed with the reason they were skipped.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,19 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.readers import is_dicom_series_folder, list_images, strip_image_suffix
+from pipeline.readers import is_dicom_series_folder, is_series_reference, list_images, split_series_reference, strip_image_suffix
 
-__all__ = ["OUTPUT_MARKER", "Case", "sanitize", "assign_case_ids", "discover_cases", "cases_from_datalist", "shard"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "Case",
+    "sanitize",
+    "assign_case_ids",
+    "discover_cases",
+    "cases_from_datalist",
+    "record_skipped_series",
+    "SKIPPED_SERIES",
+    "shard",
+]
 
 # The lock file every segment run keeps in its output folder; it also marks the folder as
 # output, so a later run over a tree that contains it never segments the masks again.
@@ -19,15 +36,21 @@ OUTPUT_MARKER = ".segment.lock"
 
 @dataclasses.dataclass
 class Case:
-    """One input: an image file, a DICOM series folder, or (from a datalist) a list of channel files.
+    """One input: an image file, a DICOM series folder or series reference
+    (``folder?series=UID[&Keyword=value]``, see :func:`pipeline.readers.series_reference`), or
+    (from a datalist) a list of channel files.
 
     ``source`` is the input's path relative to the input folder / dataset_dir (shown in the report).
+    ``series_uid`` is the chosen DICOM series when ``--series`` chose it; ``notes`` are what the
+    inventory found about it (a geometry correction the reader will make).
     """
 
     case_id: str
     image: str | list[str]
     source: str
     is_dicom: bool = False
+    series_uid: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def first_path(self) -> str:
@@ -40,34 +63,43 @@ def sanitize(name: str) -> str:
     return cleaned or "case"
 
 
-def assign_case_ids(entries: Sequence[tuple[str | list[str], str, bool]]) -> list[Case]:
-    """Cases with unique, predictable ids from ``(image, source, is_dicom)`` entries.
+def _source_name(source: str) -> tuple[list[str], str]:
+    """(folders, name) of a source path; a series reference is named after its folder."""
+    folder = split_series_reference(source)[0] if is_series_reference(source) else source
+    parts = [p for p in folder.rstrip("/").split("/") if p]
+    return parts[:-1], parts[-1] if parts else "case"
+
+
+def assign_case_ids(entries: Sequence[tuple]) -> list[Case]:
+    """Cases with unique, predictable ids from ``(image, source, is_dicom[, name[, series_uid[, notes]]])`` entries.
 
     ``source`` is the input's path relative to the input root (POSIX separators; a series
-    folder ends with ``/``). The id is the file name without its extensions, or the series folder's name.
+    folder ends with ``/``). The id is ``name`` when given, else the file name without its
+    extensions, or the series folder's name.
     Ids shared by several inputs (compared case-insensitively, as on macOS/Windows file
     systems) become the source's folder path joined with ``__`` (``a/b/ct.nii.gz`` ->
     ``a__b__ct``); any still shared (``ct.nii.gz`` and ``ct.nrrd`` in one folder) get ``__2``,
     ``__3`` ... in source order. The result is sorted by source, so it does not depend on the
     order of ``entries``.
     """
-    entries = sorted(entries, key=lambda e: e[1])
+    entries = sorted([(tuple(e) + (None, None, ()))[:6] for e in entries], key=lambda e: e[1])
 
-    def base(source: str, is_dicom: bool) -> str:
-        name = source.rstrip("/").split("/")[-1]
-        return sanitize(name if is_dicom else (strip_image_suffix(name) or Path(name).stem))
+    def base(source: str, is_dicom: bool, name: str | None) -> str:
+        if name:
+            return sanitize(name)
+        stem = _source_name(source)[1]
+        return sanitize(stem if is_dicom else (strip_image_suffix(stem) or Path(stem).stem))
 
-    def qualified(source: str, is_dicom: bool) -> str:
-        parts = [p for p in source.rstrip("/").split("/") if p][:-1]
-        return "__".join([sanitize(p) for p in parts] + [base(source, is_dicom)])
+    def qualified(source: str, is_dicom: bool, name: str | None) -> str:
+        return "__".join([sanitize(p) for p in _source_name(source)[0]] + [base(source, is_dicom, name)])
 
-    ids = [base(source, is_dicom) for _, source, is_dicom in entries]
+    ids = [base(source, is_dicom, name) for _, source, is_dicom, name, _, _ in entries]
     counts: dict[str, int] = {}
     for case_id in ids:
         counts[case_id.lower()] = counts.get(case_id.lower(), 0) + 1
     ids = [
-        qualified(source, is_dicom) if counts[case_id.lower()] > 1 else case_id
-        for case_id, (_, source, is_dicom) in zip(ids, entries)
+        qualified(source, is_dicom, name) if counts[case_id.lower()] > 1 else case_id
+        for case_id, (_, source, is_dicom, name, _, _) in zip(ids, entries)
     ]
     seen: dict[str, int] = {}
     unique = []
@@ -75,23 +107,48 @@ def assign_case_ids(entries: Sequence[tuple[str | list[str], str, bool]]) -> lis
         key = case_id.lower()
         seen[key] = seen.get(key, 0) + 1
         unique.append(case_id if seen[key] == 1 else f"{case_id}__{seen[key]}")
-    return [Case(case_id, image, source, is_dicom) for case_id, (image, source, is_dicom) in zip(unique, entries)]
+    return [
+        Case(case_id, image, source, is_dicom, series_uid, tuple(notes or ()))
+        for case_id, (image, source, is_dicom, _, series_uid, notes) in zip(unique, entries)
+    ]
 
 
-def discover_cases(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Case]:
+# short names of the tags that split a series into volumes, for case ids (``ct__s3_t2``)
+_SPLIT_ABBREVIATIONS = {
+    "TemporalPositionIdentifier": "t", "TemporalPositionIndex": "t", "AcquisitionNumber": "acq", "StackID": "stack",
+    "DiffusionBValue": "b", "EchoNumbers": "echo", "EffectiveEchoTime": "te", "EchoTime": "te", "TriggerTime": "tt",
+}
+
+
+def discover_cases(
+    root: str | os.PathLike,
+    exclude: Sequence[str | os.PathLike] = (),
+    series: Sequence[str] | None = None,
+    skipped: list | None = None,
+) -> list[Case]:
     """Cases under ``root``, recursively, by :func:`pipeline.readers.list_images` in every folder.
 
     Volume files are one case each; a folder that directly holds DICOM files is one series case
-    (a folder holding several series fails later with the reader's message) and its sub-folders
-    are searched too. Hidden entries, symbolic links to folders, the folders in ``exclude`` (the
-    output folder) and any earlier segment output folder (it holds :data:`OUTPUT_MARKER`) are
-    skipped: outputs are never inputs.
+    (a folder holding several image series fails later with the reader's message) and its
+    sub-folders are searched too. Hidden entries, symbolic links to folders, the folders in
+    ``exclude`` (the output folder) and any earlier segment output folder (it holds
+    :data:`OUTPUT_MARKER`) are skipped: outputs are never inputs.
+
+    With ``series`` (``--series`` rules, see :mod:`pipeline.dicom`) the DICOM folders are
+    inventoried instead and the rules choose per study: each chosen series, and each volume of
+    a series with repeated positions, is a case (the folder when it holds only that image series,
+    else a series reference); ``skipped`` (a list) receives a row per series not used, with why.
+    ValueError for rules that do not parse.
     """
+    from pipeline import dicom
+
+    selection = dicom.SeriesSelection.parse(series)
     root = Path(root)
     excluded = {os.path.realpath(p) for p in exclude}
-    entries: list[tuple[str, str, bool]] = []
+    entries: list[tuple] = []
+    dicom_folders: list[Path] = []
     if is_dicom_series_folder(root):
-        entries.append((str(root) + os.sep, root.resolve().name + "/", True))
+        dicom_folders.append(root)
     for folder, dirs, files in os.walk(root):
         if OUTPUT_MARKER in files:
             dirs[:] = []
@@ -100,11 +157,38 @@ def discover_cases(root: str | os.PathLike, exclude: Sequence[str | os.PathLike]
         for path in list_images(folder):
             if os.path.realpath(path) in excluded:
                 continue
-            relative = path.relative_to(root).as_posix()
             if path.is_dir():
-                entries.append((str(path) + os.sep, relative + "/", True))
+                dicom_folders.append(path)
             else:
-                entries.append((str(path), relative, False))
+                entries.append((str(path), path.relative_to(root).as_posix(), False))
+    if selection is None:
+        for path in dicom_folders:
+            relative = path.resolve().name if path == root else path.relative_to(root).as_posix()
+            entries.append((str(path) + os.sep, relative + "/", True))
+        return assign_case_ids(entries)
+    inventory = dicom.select(dicom.scan_folders(dicom_folders), selection)
+    used_per_folder: dict[str, int] = {}
+    for entry in inventory:
+        if entry.action == "use":
+            used_per_folder[entry.folder] = used_per_folder.get(entry.folder, 0) + 1
+    for entry in inventory:
+        folder = Path(entry.folder)
+        relative = folder.resolve().name if folder == root else folder.relative_to(root).as_posix()
+        is_folder = entry.path == entry.folder
+        source = relative + "/" if is_folder else relative + entry.path[len(entry.folder):]
+        if entry.action != "use":
+            if skipped is not None:
+                skipped.append({"source": relative + "/", "series": entry.label(), "series_uid": entry.series_uid,
+                                "kind": entry.kind, "action": entry.action, "why": entry.why})
+            continue
+        name = None
+        if used_per_folder[entry.folder] > 1 or entry.split:
+            number = entry.series_number if entry.series_number is not None else "X"
+            name = f"{folder.name}__s{number}" + "".join(
+                f"_{_SPLIT_ABBREVIATIONS.get(key, key)}{value}" for key, value in entry.split.items()
+            )
+        image = entry.path + (os.sep if is_folder else "")
+        entries.append((image, source, True, name, entry.series_uid, tuple(entry.geometry)))
     return assign_case_ids(entries)
 
 
@@ -119,10 +203,31 @@ def cases_from_datalist(
     for entry in load_datalist(datalist, root, section):
         image = entry["image"]
         first = image[0] if isinstance(image, list) else image
-        is_dicom = os.path.isdir(first)
+        is_dicom = os.path.isdir(first) or is_series_reference(first)
         source = os.path.relpath(first, root).replace(os.sep, "/") + ("/" if is_dicom else "")
         entries.append((image, source, is_dicom))
     return assign_case_ids(entries)
+
+
+SKIPPED_SERIES = "skipped_series.json"
+
+
+def record_skipped_series(out: Path, skipped: Sequence[dict]) -> None:
+    """``OUT/skipped_series.json``: the DICOM series ``--series`` did not use, each with why (also
+    one line each on stderr). Nothing is written when nothing was skipped."""
+    if not skipped:
+        return
+    import json
+    import sys
+
+    from pipeline.fileio import atomic_write_text
+
+    for row in skipped:
+        print(f"segment: skipped {row['source']} {row['series']}: {row['why']}", file=sys.stderr)
+    try:
+        atomic_write_text(Path(out) / SKIPPED_SERIES, json.dumps(list(skipped), indent=1) + "\n")
+    except OSError as err:  # the cases' own records matter more; their writes report a full disk
+        print(f"segment: {SKIPPED_SERIES} could not be written: {err}", file=sys.stderr)
 
 
 def shard(cases: Sequence[Case], rank: int, world_size: int) -> list[Case]:

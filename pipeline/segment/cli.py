@@ -19,7 +19,8 @@ from pipeline.inferers import PRECISIONS, check_precision
 from pipeline.readers import MAX_GB_ENV, MAX_VOXELS_ENV, DataError
 from pipeline.segment import dist
 from pipeline.segment.bundle import LoadedBundle, load_bundle, parse_override
-from pipeline.segment.cases import OUTPUT_MARKER, assign_case_ids, cases_from_datalist, discover_cases, shard
+from pipeline.dicom import SeriesSelection
+from pipeline.segment.cases import OUTPUT_MARKER, assign_case_ids, cases_from_datalist, discover_cases, record_skipped_series, shard
 from pipeline.segment.records import RECORDS_DIR, collect_rows, write_summary
 from pipeline.segment.run import SegmentOptions, root_cause, run_segmentation
 from pipeline.segment.writers import WRITERS, writers_for
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="config override as for `monai.bundle run`, e.g. network_def#features=[8,16,32] (repeatable)")
     parser.add_argument("--checkpoint", default=None, help="weights (state_dict); default: the bundle's ckpt_path / models/model.pt")
+    parser.add_argument("--series", action="append", default=None, metavar="RULE",
+                        help="DICOM inputs: which series to segment, per study (repeatable; see python -m pipeline dicom scan): "
+                             "modality=CT, description~venous, orientation=axial, number=3, uid=..., axial-thinnest, all; "
+                             "default: each folder's one image series")
     parser.add_argument("--section", default="test", help="datalist section to segment (default: test)")
     parser.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="datalist paths root (default: its folder)")
     parser.add_argument("--mode", choices=("accurate", "fast"), default=None, help="UNet++ eval mode (default: the bundle's)")
@@ -114,12 +119,14 @@ def _device(name: str | None, world_size: int, local_rank: int) -> str | None:
     return name
 
 
-def _find_cases(input_path: Path, out: Path, args) -> list:
+def _find_cases(input_path: Path, out: Path, args, skipped: list | None = None) -> list:
+    if args.series and input_path.is_file():
+        raise ValueError("--series chooses among the DICOM series of an input folder; a datalist or a file names its images")
     if input_path.is_file() and input_path.suffix.lower() == ".json":
         return cases_from_datalist(input_path, args.dataset_dir, args.section)
     if input_path.is_file():
         return assign_case_ids([(str(input_path), input_path.name, False)])
-    return discover_cases(input_path, exclude=[out])
+    return discover_cases(input_path, exclude=[out], series=args.series, skipped=skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world_size, local_rank = dist.dist_env()
     try:
         overrides = _overrides(args)
+        SeriesSelection.parse(args.series)  # a bad --series rule is a usage error before anything loads
         if args.workers < 0:
             raise ValueError("--workers must be >= 0")
         device = _device(args.device, world_size, local_rank)
@@ -184,12 +192,13 @@ def _lock_output(out: Path, wait: bool, held: contextlib.ExitStack) -> None:
 
 def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Path, rank: int, world_size: int,
          distributed: bool, held: contextlib.ExitStack) -> int:
-    cases = None
+    cases, skipped = None, []
     if rank == 0:  # rank 0 holds the folder's lock for the whole run and tells the others what to do
         try:
-            cases = _find_cases(input_path, out, args)
+            cases = _find_cases(input_path, out, args, skipped)
             if cases:
                 _lock_output(out, args.wait, held)
+                record_skipped_series(out, skipped)
         except (DataError, ValueError) as err:
             cases = str(err)
     cases = dist.broadcast(cases, distributed)
