@@ -5,7 +5,9 @@
 * :func:`check_fit` -- a state_dict against a network: names the architecture and the first
   differing tensor instead of PyTorch's list of every key.
 * :func:`load_weights` / :class:`WeightsLoader` -- ``models/model.pt`` (or a training checkpoint)
-  into a network, as a function (batch segmentation) and as a handler (evaluation, inference).
+  into a network, as a function (batch segmentation) and as a handler (evaluation, inference);
+  given the config's ``model_settings``, they first check them against the settings the weights
+  were trained with (:func:`pipeline.settings.check_settings`).
 
 Saving lives in :mod:`pipeline.fileio` (``atomic_torch_save``) and :mod:`pipeline.handlers`.
 """
@@ -20,6 +22,8 @@ from typing import Any, Mapping
 
 import torch
 from ignite.engine import Engine, Events
+
+from pipeline.settings import check_settings
 
 __all__ = ["CheckpointMismatchError", "unwrap", "load_checkpoint", "check_fit", "load_weights", "WeightsLoader"]
 
@@ -98,15 +102,25 @@ def check_fit(state: Mapping[str, Any], module: torch.nn.Module, source: str) ->
         parts.append(f"{len(unexpected)} of its tensors are not in the network (e.g. {unexpected[0]})")
     raise CheckpointMismatchError(
         f"{source} does not fit the network {_describe(module)}: {'; '.join(parts)}. "
-        "It was trained with another architecture: use the same network_def settings as for training "
-        "(e.g. --network_def#features, --network_def#depth, --out_channels)."
+        "It was trained with another architecture: use the same settings as for training "
+        "(--features, --depth, --norm, --out_channels, or the network_def ids changed, e.g. --network_def#features; "
+        "a trained bundle keeps its settings in models/settings.json)."
     )
 
 
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    settings: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> torch.nn.Module:
     """Load a state_dict file (``models/model.pt``) into ``network`` with ``weights_only=True``.
 
-    Also accepts a training checkpoint (``latest.pt``: the weights are under ``"model"``). Raises
+    Also accepts a training checkpoint (``latest.pt``: the weights are under ``"model"``). With
+    ``settings`` (the config's ``model_settings``), raises
+    :class:`pipeline.settings.SettingsMismatchError` naming every id whose value differs from the
+    ``settings.json`` beside the weights, unless ``force``. Raises
     :class:`CheckpointMismatchError` naming the network's architecture and the first differing
     tensor when the checkpoint was trained with another one; ``FileNotFoundError`` when absent.
     Returns ``network``.
@@ -116,6 +130,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
         raise FileNotFoundError(
             f"{path}: no trained weights; train the bundle first (it writes models/model.pt) or pass --ckpt_path"
         )
+    check_settings(settings, path, force)
     state = load_checkpoint(path, map_location)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
@@ -129,18 +144,28 @@ class WeightsLoader:
     """Handler: load ``load_path`` into ``network`` when the engine starts (see :func:`load_weights`).
 
     The clear-error counterpart of MONAI's ``CheckpointLoader`` for evaluation and inference;
-    ``map_location`` defaults to the engine's device.
+    ``map_location`` defaults to the engine's device. ``settings`` and ``force`` as in
+    :func:`load_weights`.
     """
 
-    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: Any = None):
+    def __init__(
+        self,
+        load_path: str | os.PathLike,
+        network: torch.nn.Module,
+        map_location: Any = None,
+        settings: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ):
         self.load_path = Path(load_path)
         self.network = network
         self.map_location = map_location
+        self.settings = settings
+        self.force = force
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         location = self.map_location if self.map_location is not None else getattr(engine.state, "device", "cpu")
-        load_weights(self.network, self.load_path, location)
+        load_weights(self.network, self.load_path, location, self.settings, self.force)
         engine.logger.info(f"Loaded network weights from {self.load_path}")

@@ -1,8 +1,26 @@
-"""What a bundle needs at run time besides its configs: where its inputs are.
+"""What a bundle needs at run time besides its configs: its model's settings, and its inputs.
 
-The bundle configs call these so that a bundle folder copied anywhere runs with the standard
-``python -m monai.bundle run`` commands from inside it (``bundle_root`` is ``"."``), with data
-found relative to ``dataset_dir`` and every missing input reported in one clear message:
+**Settings.** The values that make a set of weights what it is -- preprocessing (``preset``,
+``intensity``, ``pixdim``), patch size (``roi_size``), network shape (``spatial_dims``,
+``in_channels``, ``out_channels``, ``features``, ``depth``, ``norm``) -- are top-level ids of
+the bundle configs, collected in their ``model_settings`` id. They are kept in two files,
+each a flat ``{id: value}`` object (so either also works as a MONAI config overlay):
+
+* ``configs/plan.json``: the planned values (``python -m pipeline plan`` writes it); training
+  starts from them (:func:`load_settings` without ``ckpt_dir``);
+* ``models/settings.json``: the values the weights were trained with, written by
+  :class:`SettingsWriter` when training starts, beside ``model.pt``, with the datalist's class
+  ``labels``. Evaluation, inference, ``ckpt_export`` and batch segmentation read them first
+  (:func:`load_settings` with ``ckpt_dir``), so no command after training repeats an override.
+
+Each setting id in the configs defaults to the saved value, e.g.
+``"preset": "$@saved.get('preset', 'scale')"``. When weights are loaded under settings that
+differ from the ones they were trained with (an override on the command line),
+:func:`check_settings` raises :class:`SettingsMismatchError` naming every differing id, unless
+``force`` (``--force True``).
+
+**Inputs.** So that a bundle folder copied anywhere runs with the standard
+``python -m monai.bundle run`` commands from inside it (``bundle_root`` is ``"."``):
 
 * :func:`require_datalist` -- training and evaluation stop before any work when the datalist
   is missing, saying which overrides point the bundle at data;
@@ -13,14 +31,149 @@ found relative to ``dataset_dir`` and every missing input reported in one clear 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Sized
+from typing import Any, Mapping, Sized
 
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+from pipeline.bundle_sync import dumps
 from pipeline.data import load_datalist
+from pipeline.fileio import atomic_write_text, read_json
 from pipeline.readers import DataError, list_images
 
-__all__ = ["require_datalist", "inference_inputs", "check_inputs"]
+__all__ = [
+    "PLAN_FILE",
+    "SETTINGS_FILE",
+    "SettingsMismatchError",
+    "load_settings",
+    "trained_settings",
+    "differences",
+    "check_settings",
+    "datalist_labels",
+    "SettingsWriter",
+    "require_datalist",
+    "inference_inputs",
+    "check_inputs",
+]
+
+PLAN_FILE = os.path.join("configs", "plan.json")  # under bundle_root
+SETTINGS_FILE = "settings.json"  # beside the weights, in ckpt_dir
+LABELS = "labels"  # the datalist's class names, kept in SETTINGS_FILE (not a setting to compare)
+
+
+class SettingsMismatchError(ValueError):
+    """Weights are about to be used under settings other than the ones they were trained with."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples -> lists), so that saved and current values compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def load_settings(bundle_root: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None) -> dict:
+    """The saved settings: ``configs/plan.json`` under ``bundle_root``, then (when ``ckpt_dir`` is
+    given) the trained ``settings.json`` in ``ckpt_dir`` over it. ``{}`` when neither exists.
+    """
+    plan = Path(bundle_root) / PLAN_FILE
+    settings = read_json(plan) if plan.is_file() else {}
+    if ckpt_dir is not None:
+        settings.update(trained_settings(Path(ckpt_dir) / "model.pt") or {})
+    return settings
+
+
+def trained_settings(weights: str | os.PathLike) -> dict | None:
+    """The ``settings.json`` beside a weights file, or ``None`` when there is none."""
+    path = Path(weights).parent / SETTINGS_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def differences(current: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{id: (saved value, current value)}`` for the ids of ``current`` whose saved value differs."""
+    return {
+        key: (saved[key], current[key])
+        for key in current
+        if key in saved and key != LABELS and _plain(saved[key]) != _plain(current[key])
+    }
+
+
+def check_settings(current: Mapping[str, Any] | None, weights: str | os.PathLike, force: bool = False) -> list[str]:
+    """Compare ``current`` (a config's resolved ``model_settings``) with the settings ``weights`` were trained with.
+
+    Returns the differing ids (empty when they agree, or when there is nothing to compare:
+    no ``current``, or no ``settings.json`` beside ``weights``). Raises
+    :class:`SettingsMismatchError` naming every differing id with both values unless ``force``.
+    """
+    saved = trained_settings(weights)
+    if not current or saved is None:
+        return []
+    differing = differences(current, saved)
+    if differing and not force:
+        listed = "; ".join(f"{key}: trained {old!r}, now {new!r}" for key, (old, new) in sorted(differing.items()))
+        raise SettingsMismatchError(
+            f"{weights} was trained with other settings ({Path(weights).parent / SETTINGS_FILE}): {listed}. "
+            "Drop these overrides (the bundle reads the trained settings by itself), "
+            "or pass --force True (segment: --force) to use the weights anyway."
+        )
+    return sorted(differing)
+
+
+def datalist_labels(datalist: str | os.PathLike) -> dict[str, str] | None:
+    """The datalist's ``labels`` (class value -> name, as in MSD ``dataset.json``), if it has them."""
+    labels = (read_json(datalist, missing_ok=True) or {}).get(LABELS) if os.path.isfile(datalist) else None
+    return {str(key): str(name) for key, name in labels.items()} if isinstance(labels, dict) else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class SettingsWriter:
+    """Trainer handler: write the model's settings beside its weights when training starts.
+
+    ``<ckpt_dir>/settings.json`` holds ``settings`` (the config's ``model_settings``) and the
+    datalist's class ``labels``. Continuing a training run (``resume`` with ``latest.pt`` present)
+    under other settings would mix two models in one set of weights: it raises
+    :class:`SettingsMismatchError` naming the differing ids, unless ``force``. Only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        settings: Mapping[str, Any],
+        labels: Mapping[str, str] | None = None,
+        resume: bool = True,
+        force: bool = False,
+        checkpoint: str = "latest.pt",
+    ):
+        self.path = Path(path)
+        self.settings = _plain(dict(settings))
+        self.labels = dict(labels) if labels else None
+        self.resume = resume
+        self.force = force
+        self.checkpoint = self.path.parent / checkpoint
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        saved = read_json(self.path) if self.path.is_file() else None
+        if saved is not None and self.resume and self.checkpoint.is_file():
+            differing = differences(self.settings, saved)
+            if differing and not self.force:
+                listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in sorted(differing.items()))
+                raise SettingsMismatchError(
+                    f"{self.checkpoint} was trained with other settings ({self.path}): {listed}. "
+                    "Pass the same settings to continue it, --resume False to start again with the new ones, "
+                    "or --force True to continue anyway."
+                )
+        if _rank() == 0:
+            content = dict(self.settings, **({LABELS: self.labels} if self.labels else {}))
+            atomic_write_text(self.path, dumps(content) + "\n")
+            engine.logger.info(f"Model settings written to {self.path}")
+
 
 _POINT_AT_DATA = (
     "pass --dataset_dir DIR (the folder the datalist's paths are relative to) and --datalist FILE "

@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = ["unetpp_3d_seg", "unetpp_2d_seg"]
 SCHEMA = os.path.join(REPO, "bundles", "schema", "meta_schema.json")
 # small enough for a CPU test, same structure as the defaults
-TINY = ["--network_def#features", "[4,8,16,32]", "--network_def#depth", "3"]
+TINY = ["--features", "[4,8,16,32]", "--depth", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +374,104 @@ def test_demo_overlay_only_sets_top_level_ids_of_train_json(name):
     train = json.load(open(bundle_path(name, "configs", "train.json")))
     assert [key for key in demo if key not in train] == []
     assert all("#" not in key for key in demo)
+
+
+# --------------------------------------------------------------------------------------------
+# a trained bundle carries its settings (models/settings.json) and every command reads them
+# --------------------------------------------------------------------------------------------
+
+TRAINED = {"features": [4, 8, 16], "depth": 2, "norm": "batch", "preset": "ct", "intensity": {"a_min": -100, "a_max": 300}}
+
+
+def trained_copy(name, tmp_path, overrides=TRAINED, labels=None):
+    """A copy of the bundle as training with ``overrides`` leaves it: models/settings.json and weights."""
+    from ignite.engine import Engine
+
+    bundle = copy_bundle(name, tmp_path / name)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "configs", "train.json"))
+    parser.update({"bundle_root": bundle, **overrides})
+    writer = parser.get_parsed_content("train#handlers#2")  # what training attaches first thing
+    assert type(writer).__name__ == "SettingsWriter"
+    writer.labels = labels or writer.labels
+    writer(Engine(lambda engine, batch: None))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(bundle, "models", "model.pt"))
+    return bundle
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_model_zoo_ci_checks_pass_on_a_trained_bundle_with_its_own_settings(name, tmp_path):
+    """verify_net_in_out and ckpt_export with their defaults build the trained network (depth 2, widths 4-16)."""
+    bundle = trained_copy(name, tmp_path)
+    settings = json.load(open(os.path.join(bundle, "models", "settings.json")))
+    assert {key: settings[key] for key in TRAINED} == TRAINED
+    result = model_zoo_ci(bundle)
+    assert result.returncode == 0, result.stdout[-5000:]
+    exported = torch.jit.load(os.path.join(bundle, "models", "verify_model.ts"))
+    assert exported.features == [4, 8, 16] and exported.depth == 2
+
+
+def test_evaluate_and_inference_read_the_trained_settings_and_refuse_others(tmp_path):
+    from pipeline.settings import SettingsMismatchError
+
+    bundle = trained_copy("unetpp_3d_seg", tmp_path, labels={"0": "background", "1": "spleen"})
+    for configs in (["inference.json"], ["train.json", "evaluate.json"]):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(bundle, "configs", c) for c in configs])
+        parser["bundle_root"] = bundle
+        assert {key: parser.get_parsed_content(key) for key in TRAINED} == TRAINED
+        preprocessing = parser.get_parsed_content("preprocessing" if len(configs) == 1 else "validate#preprocessing")
+        assert "NormalizeBodyd" in repr([type(t).__name__ for t in preprocessing.transforms])  # the CT chain
+        network = parser.get_parsed_content("network_def")
+        loader = parser.get_parsed_content("handlers#0" if len(configs) == 1 else "validate#handlers#0")
+        loader.load_path = os.path.join(bundle, "models", "model.pt")
+        loader(type("Engine", (), {"state": None, "logger": __import__("logging").getLogger("test")})())
+        assert network.features == [4, 8, 16]
+
+        parser.update({"pixdim": [1.5, 1.5, 2.0], "preset": "mri"})  # as --pixdim ... --preset mri would
+        parser.parse(reset=True)
+        loader = parser.get_parsed_content("handlers#0" if len(configs) == 1 else "validate#handlers#0")
+        with pytest.raises(SettingsMismatchError) as refused:
+            loader.__call__(type("Engine", (), {"state": None, "logger": None})())
+        message = str(refused.value)
+        assert "preset: trained 'ct', now 'mri'" in message and "pixdim: trained None, now [1.5, 1.5, 2.0]" in message
+        assert "--force True" in message and "features" not in message
+        parser["force"] = True
+        parser.parse(reset=True)
+        forced = parser.get_parsed_content("handlers#0" if len(configs) == 1 else "validate#handlers#0")
+        forced(type("Engine", (), {"state": None, "logger": __import__("logging").getLogger("test")})())
+
+
+def test_batch_segmentation_reads_the_trained_settings_and_class_names(tmp_path):
+    from pipeline.segment.bundle import load_bundle
+    from pipeline.settings import SettingsMismatchError
+
+    bundle = trained_copy("unetpp_3d_seg", tmp_path, labels={"0": "background", "1": "spleen"})
+    loaded = load_bundle(bundle)
+    assert {key: loaded.settings[key] for key in TRAINED} == TRAINED
+    assert loaded.class_names == {1: "spleen"}
+    assert set(loaded.config_sha256) == {os.path.join("configs", "inference.json")}
+    with pytest.raises(SettingsMismatchError, match="depth: trained 2, now 3"):
+        load_bundle(bundle, overrides={"depth": 3, "features": [4, 8, 16, 32]})
+    # --force: the settings check is skipped, the architecture check still speaks
+    with pytest.raises(Exception, match="does not fit the network"):
+        load_bundle(bundle, overrides={"depth": 3, "features": [4, 8, 16, 32]}, force=True)
+    assert load_bundle(bundle, overrides={"preset": "mri", "intensity": None}, force=True).settings["preset"] == "mri"
+
+
+def test_training_refuses_to_continue_a_run_under_other_settings(tmp_path):
+    from ignite.engine import Engine
+
+    from pipeline.settings import SettingsMismatchError, SettingsWriter
+
+    models = tmp_path / "models"
+    first = {"preset": "ct", "depth": 2}
+    SettingsWriter(models / "settings.json", first)(Engine(lambda e, b: None))
+    SettingsWriter(models / "settings.json", dict(first, depth=3))(Engine(lambda e, b: None))  # no run to continue yet
+    (models / "latest.pt").write_bytes(b"a training state")
+    with pytest.raises(SettingsMismatchError, match="depth: 3 there, 2 now"):
+        SettingsWriter(models / "settings.json", first)(Engine(lambda e, b: None))
+    SettingsWriter(models / "settings.json", first, resume=False)(Engine(lambda e, b: None))  # --resume False
+    assert json.loads((models / "settings.json").read_text()) == first
+    SettingsWriter(models / "settings.json", dict(first, preset="mri"), force=True)(Engine(lambda e, b: None))

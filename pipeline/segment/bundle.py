@@ -24,7 +24,9 @@ class LoadedBundle:
 
     ``spatial_dims``, ``in_channels`` and ``out_channels`` come from the parsed config
     (``network_def``'s arguments) or the bundle's ``metadata.json``, never from attributes of
-    the network module, so any MONAI network works.
+    the network module, so any MONAI network works. ``settings`` is the config's resolved
+    ``model_settings`` (empty for a bundle without that id); ``config_sha256`` the content
+    digest of each config file read, by its path relative to the bundle.
     """
 
     network: torch.nn.Module
@@ -38,6 +40,8 @@ class LoadedBundle:
     spatial_dims: int | None
     in_channels: int | None
     out_channels: int
+    settings: dict = dataclasses.field(default_factory=dict)
+    config_sha256: dict = dataclasses.field(default_factory=dict)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -111,8 +115,11 @@ def _network_settings(parser, meta: dict) -> dict[str, int | None]:
     return settings
 
 
-def class_names_for(out_channels: int, meta: dict) -> dict[int, str]:
-    """Foreground class value -> name, from ``metadata.json``'s output ``channel_def``.
+def class_names_for(out_channels: int, meta: dict, labels: dict | None = None) -> dict[int, str]:
+    """Foreground class value -> name, from the trained ``labels`` or ``metadata.json``'s output ``channel_def``.
+
+    ``labels`` (class value -> name, from the datalist, kept in ``models/settings.json`` by
+    training) wins over the metadata when given.
 
     ``channel_def`` maps the class values of the written mask to names, as MONAI Label reads it
     (``{"0": "background", "1": "spleen"}``): with several output channels (softmax) channel
@@ -121,7 +128,7 @@ def class_names_for(out_channels: int, meta: dict) -> dict[int, str]:
     class 1). Missing names become ``foreground`` / ``class_<k>``; text in parentheses is
     dropped (``"liver (logit)"`` -> ``liver``).
     """
-    channel_def = _network_data_format(meta, "outputs").get("channel_def") or {}
+    channel_def = labels or _network_data_format(meta, "outputs").get("channel_def") or {}
     names = {}
     for key, value in channel_def.items() if isinstance(channel_def, dict) else ():
         with_number = str(key).strip()
@@ -148,6 +155,7 @@ def load_bundle(
     overrides: dict[str, Any] | None = None,
     checkpoint: str | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> LoadedBundle:
     """Parse the network, preprocessing, inferer and postprocessing from a bundle and load its weights.
 
@@ -155,13 +163,17 @@ def load_bundle(
         bundle: the bundle folder (``bundle_root``).
         config_files: config files relative to ``bundle`` (later ones override earlier ones).
         overrides: ``{"id#key": value}`` applied after reading, e.g. ``{"network_def#mode": "fast"}``.
-        checkpoint: weights file; default: the config's ``ckpt_path`` or ``models/model.pt``.
+        checkpoint: weights file; default: the config's ``ckpt_path`` or ``models/model.pt``. The
+            settings it was trained with are read from beside it (``ckpt_dir`` is its folder).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: the config's ``device``.
+        force: use the weights even when the resolved ``model_settings`` differ from the ones they
+            were trained with (otherwise :class:`pipeline.settings.SettingsMismatchError`).
     """
     from monai.bundle import ConfigParser
     from monai.bundle.reference_resolver import ReferenceResolver
 
     from pipeline.checkpoints import load_weights
+    from pipeline.settings import LABELS, trained_settings
 
     bundle = Path(bundle)
     files = [str(f if Path(f).is_absolute() else bundle / f) for f in config_files]
@@ -175,6 +187,10 @@ def load_bundle(
     if meta:
         parser.read_meta(str(meta_path))
     parser["bundle_root"] = str(bundle)
+    if checkpoint is not None:  # the trained settings are read from beside the weights used
+        for key, value in (("ckpt_dir", os.path.dirname(os.path.abspath(checkpoint))), ("ckpt_path", os.path.abspath(checkpoint))):
+            if key in parser:
+                parser[key] = value
     for key, value in (overrides or {}).items():
         top = ReferenceResolver.normalize_id(key).split(ReferenceResolver.sep)[0]
         if top not in parser:
@@ -199,7 +215,9 @@ def load_bundle(
     checkpoint = checkpoint or _find_checkpoint(parser, bundle)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: no trained weights; train the bundle first or pass --checkpoint PATH")
-    load_weights(network, checkpoint)  # weights_only=True, clear error for another architecture
+    model_settings = parser.get_parsed_content("model_settings") if "model_settings" in parser else {}
+    # weights_only=True; clear errors for other settings (unless force) and another architecture
+    load_weights(network, checkpoint, settings=model_settings, force=force)
     network = network.to(resolved_device).eval()
     preprocessing = parser.get_parsed_content("preprocessing")
     inferer = parser.get_parsed_content("inferer")
@@ -217,8 +235,10 @@ def load_bundle(
         device=resolved_device,
         checkpoint=os.path.abspath(checkpoint),
         checkpoint_sha256=sha256(checkpoint),
-        class_names=class_names_for(settings["out_channels"], meta),
+        class_names=class_names_for(settings["out_channels"], meta, (trained_settings(checkpoint) or {}).get(LABELS)),
         spatial_dims=settings["spatial_dims"],
         in_channels=settings["in_channels"],
         out_channels=settings["out_channels"],
+        settings=json.loads(json.dumps(model_settings)),
+        config_sha256={os.path.relpath(path, bundle): sha256(path) for path in files},
     )

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="config override as for `monai.bundle run`, e.g. network_def#features=[8,16,32] (repeatable)")
     parser.add_argument("--checkpoint", default=None, help="weights (state_dict); default: the bundle's ckpt_path / models/model.pt")
+    parser.add_argument("--force", action="store_true",
+                        help="use the weights even when the settings differ from the ones they were trained with (models/settings.json)")
     parser.add_argument("--series", action="append", default=None, metavar="RULE",
                         help="DICOM inputs: which series to segment, per study (repeatable; see python -m pipeline dicom scan): "
                              "modality=CT, description~venous, orientation=axial, number=3, uid=..., axial-thinnest, all; "
@@ -75,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args, bundle: LoadedBundle, overrides: dict) -> dict:
-    """What makes two runs' masks comparable (stored in each record, checked on resume)."""
+    """What makes two runs' masks comparable (stored in each record, checked on resume).
+
+    The weights' digest, the content of every config file read, the resolved model settings
+    (preprocessing, patch size, network shape: what the configs, ``configs/plan.json``,
+    ``models/settings.json`` and the overrides made of them), the overrides and the precision.
+    Editing a config, retraining or overriding a setting makes earlier masks "other settings".
+    """
     return {
         "bundle": os.path.basename(os.path.normpath(args.bundle)),
-        "config": list(args.config),
+        "config": dict(bundle.config_sha256),
         "checkpoint_sha256": bundle.checkpoint_sha256,
+        "model_settings": bundle.settings,
         "overrides": {k: overrides[k] for k in sorted(overrides)},
         "precision": args.precision,
         "tta": args.tta,
@@ -163,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"weights changed (python -m pipeline bundle verify {args.bundle} names the files)"
             )
     try:
-        bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device)
+        bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device, force=args.force)
     except Exception as err:  # noqa: BLE001 - any setup problem is one clear line
         return _usage_error(f"cannot load bundle {args.bundle}: {root_cause(err)}")
     try:
