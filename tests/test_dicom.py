@@ -435,3 +435,191 @@ def test_segment_flat_export_with_axial_thinnest(export, tmp_path, checkpoint):
     assert run_segment(checkpoint, folder, output, "--series", "axial-thinnest") == 0
     rows = summary_rows(output)
     assert [(k, r["status"], r["shape"]) for k, r in rows.items()] == [("export", "done", [48, 48, 16])]
+
+
+# --------------------------------------------------------------------------------------------
+# geometry realities: phases, tilt, a missing slice, multi-frame, compression
+# --------------------------------------------------------------------------------------------
+
+
+def ramp(positions_lps: np.ndarray) -> np.ndarray:
+    """A linear function of patient position (LPS mm): what a corrected grid must reproduce."""
+    return 100.0 + 3.0 * positions_lps[..., 1] + 5.0 * positions_lps[..., 2]
+
+
+def voxel_positions(affine: np.ndarray, shape) -> np.ndarray:
+    """LPS mm of every voxel (i, j, k) of a RAS affine."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(float)
+    ras = grid @ affine[:3, :3].T + affine[:3, 3]
+    return ras * np.array([-1.0, -1.0, 1.0])
+
+
+def ramp_series(study: Study, n: int, orientation, positions, spacing=(1.0, 1.0, 2.0), size=(24, 20), **kwargs) -> list[Path]:
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    i, j = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")
+    planes = []
+    for k in range(n):
+        where = positions[k] + i[..., None] * spacing[0] * row + j[..., None] * spacing[1] * col
+        planes.append(ramp(where))
+    return study.series(np.round(np.stack(planes, axis=-1)), spacing=spacing, orientation=orientation, positions=positions, **kwargs)
+
+
+def test_two_phase_series_is_split_into_volumes_or_refused_with_advice(tmp_path):
+    study = Study(tmp_path / "phases")
+    volume = body_volume(10)
+    uid = generate_uid()
+    contrast = np.where(volume > -200, volume + 150, volume)
+    for phase, data in ((1, volume), (2, contrast)):
+        study.series(data, series_uid=uid, number=5, description="Liver 2 phase",
+                     per_slice=lambda k, p=phase: {"TemporalPositionIdentifier": p, "AcquisitionNumber": p})
+    entries = dicom.scan(study.folder)
+    assert [(e.split, e.frames_per_position, e.slices) for e in entries] == [
+        ({"TemporalPositionIdentifier": "1"}, 2, 10), ({"TemporalPositionIdentifier": "2"}, 2, 10)]
+    with pytest.raises(DataError, match=r"holds 2 volumes at the same positions .*TemporalPositionIdentifier 1, 2.*"
+                                        r"phases\?series=.*&TemporalPositionIdentifier=1"):
+        read_volume(study.folder)
+    first, _ = read_volume(series_reference(study.folder, uid, {"TemporalPositionIdentifier": "1"}))
+    second, _ = read_volume(series_reference(study.folder, uid, {"TemporalPositionIdentifier": "2"}))
+    np.testing.assert_allclose(first, volume, atol=0.5)
+    np.testing.assert_allclose(second, contrast, atol=0.5)
+    with pytest.raises(DataError, match="no volume of series"):
+        read_volume(series_reference(study.folder, uid, {"TemporalPositionIdentifier": "3"}))
+    from pipeline.segment import discover_cases
+
+    cases = discover_cases(tmp_path, series=["all"])
+    assert sorted(c.case_id for c in cases) == ["phases__s5_t1", "phases__s5_t2"]
+
+
+def test_duplicate_slice_without_a_separating_tag_is_refused_naming_the_files(tmp_path):
+    study = Study(tmp_path / "dup")
+    paths = study.series(body_volume(6), number=7)
+    twin = pydicom.dcmread(paths[3])
+    twin.ImagePositionPatient = pydicom.dcmread(paths[2]).ImagePositionPatient
+    twin.save_as(paths[3])
+    with pytest.raises(DataError, match=r"duplicate slice position .* IM000[34] and IM000[34]"):
+        read_volume(study.folder)
+    (entry,) = dicom.scan(study.folder)
+    assert entry.action == "refuse" and "duplicate slice position" in entry.why
+
+
+def test_gantry_tilt_is_resampled_to_an_orthogonal_grid_never_sheared(tmp_path):
+    """CT with a 15 degree gantry tilt: image planes tilted, positions moving along the table (z).
+    Stacked as they are, every slice would be shifted by up to 4.7 px (a shear); read, the voxels
+    sit where the ramp says they are."""
+    tilt = np.radians(15)
+    orientation = (1, 0, 0, 0, np.cos(tilt), np.sin(tilt))
+    positions = [np.array([-10.0, -8.0, 2.0 * k]) for k in range(10)]
+    study = Study(tmp_path / "tilt")
+    ramp_series(study, 10, orientation, positions, number=9, description="Head tilted")
+    (entry,) = dicom.scan(study.folder)
+    assert entry.action == "use" and "gantry tilt 15.0 deg" in entry.geometry[0]
+    with pytest.warns(DicomGeometryWarning, match="gantry tilt 15.0 deg"):
+        array, affine = read_volume(study.folder)
+    assert array.shape == (24, 20, 10)
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(directions.T @ directions, np.eye(3), atol=1e-6)  # an orthogonal grid
+    assert np.linalg.norm(affine[:3, 2]) == pytest.approx(2.0 * np.cos(tilt), rel=1e-4)
+    expected = ramp(voxel_positions(affine, array.shape))
+    inside = np.s_[:, 6:, :]  # rows whose source pixel lies inside every shifted slice
+    np.testing.assert_allclose(array[inside], expected[inside], atol=0.6)
+    # a DICOM SEG must match the source slices one to one: refused, with the reason
+    with pytest.raises(DataError, match="gantry tilt.*no longer matches the source slices"):
+        dicom_series_files(study.folder)
+
+
+def test_missing_slice_is_interpolated_with_a_warning(tmp_path):
+    study = Study(tmp_path / "gap")
+    positions = [np.array([0.0, 0.0, 3.0 * k]) for k in range(9)]
+    paths = ramp_series(study, 9, (1, 0, 0, 0, 1, 0), positions, spacing=(0.9, 0.9, 3.0), number=4)
+    paths[4].unlink()
+    (entry,) = dicom.scan(study.folder)
+    assert entry.slices == 9 and "1 missing slice" in entry.geometry[0]
+    with pytest.warns(DicomGeometryWarning, match=r"1 missing slice.*resampled to 9 slices at 3 mm"):
+        array, affine = read_volume(study.folder)
+    assert array.shape == (24, 20, 9)
+    np.testing.assert_allclose(array, ramp(voxel_positions(affine, array.shape)), atol=0.6)
+
+
+def test_uneven_spacing_is_resampled_to_its_median_gap(tmp_path):
+    study = Study(tmp_path / "uneven")
+    z = np.array([0.0, 2.0, 4.0, 6.3, 8.0, 10.0, 12.0])
+    ramp_series(study, len(z), (1, 0, 0, 0, 1, 0), [np.array([0.0, 0.0, v]) for v in z], number=4)
+    with pytest.warns(DicomGeometryWarning, match="uneven slice spacing"):
+        array, affine = read_volume(study.folder)
+    assert array.shape[2] == 7 and affine[2, 2] == pytest.approx(2.0)
+    np.testing.assert_allclose(array, ramp(voxel_positions(affine, array.shape)), atol=0.6)
+
+
+def legacy_multiframe(source: list[Path], path: Path, reverse: bool = False) -> Path:
+    """An enhanced multi-frame CT object made from a classic series (highdicom's legacy conversion)."""
+    hd = pytest.importorskip("highdicom")
+    datasets = [pydicom.dcmread(p) for p in source]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multiframe = hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=datasets[::-1] if reverse else datasets, series_instance_uid=generate_uid(), series_number=30,
+            sop_instance_uid=generate_uid(), instance_number=1,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    multiframe.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["frames_in_order", "frames_reversed"])
+def test_enhanced_multiframe_ct_is_read_like_its_classic_series(tmp_path, reverse):
+    study = Study(tmp_path / "classic")
+    volume = body_volume(8)
+    source = study.series(volume, number=3)
+    path = legacy_multiframe(source, tmp_path / "mf" / "MF0001", reverse)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert int(ds.NumberOfFrames) == 8 and "ImagePositionPatient" not in ds  # geometry only per frame
+    expected, expected_affine = read_volume(study.folder)
+    array, affine = read_volume(path.parent)
+    np.testing.assert_allclose(array, expected)
+    np.testing.assert_allclose(affine, expected_affine, atol=1e-4)
+    (entry,) = dicom.scan(path.parent)
+    assert (entry.kind, entry.files, entry.slices, entry.orientation) == ("image", 1, 8, "axial")
+    z = [float(g.PlanePositionSequence[0].ImagePositionPatient[2]) for g in ds.PerFrameFunctionalGroupsSequence]
+    if z == sorted(z):
+        assert dicom_series_files(path.parent)[0] == [str(path)]
+    else:  # a SEG's frames follow the source's frames: a multi-frame stored against slice order is refused
+        with pytest.raises(DataError, match="not stored in slice order"):
+            dicom_series_files(path.parent)
+
+
+@pytest.mark.parametrize("codec", ["JPEG2000", "JPEG", "RLE"])
+def test_compressed_series_are_decoded_by_gdcm(tmp_path, codec):
+    """JPEG 2000 and JPEG lossless written by SimpleITK's GDCM, RLE by pydicom; read back exactly."""
+    study = Study(tmp_path / "plain")
+    volume = body_volume(6)
+    source = study.series(volume, number=3)
+    compressed = tmp_path / "compressed"
+    compressed.mkdir()
+    for index, path in enumerate(source):
+        target = compressed / f"IM{index + 1:04d}"
+        if codec == "RLE":
+            ds = pydicom.dcmread(path)
+            ds.compress(pydicom.uid.RLELossless)
+            ds.save_as(target)
+        else:
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO("GDCMImageIO")
+            writer.KeepOriginalImageUIDOn()
+            writer.UseCompressionOn()
+            writer.SetCompressor(codec)
+            writer.SetFileName(str(target))
+            image = sitk.ReadImage(str(path))  # HU as int32: JPEG codecs want 16 bits
+            stored = sitk.Cast(image, sitk.sitkInt16)
+            for key in image.GetMetaDataKeys():
+                stored.SetMetaData(key, image.GetMetaData(key))
+            stored.SetMetaData("0028|1052", "0")  # the values are HU now
+            stored.SetMetaData("0028|1053", "1")
+            writer.Execute(stored)
+    syntax = pydicom.dcmread(compressed / "IM0001", stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax.is_compressed
+    (entry,) = dicom.scan(compressed)
+    assert entry.transfer_syntax == syntax.name
+    array, affine = read_volume(compressed)
+    expected, expected_affine = read_volume(study.folder)
+    np.testing.assert_allclose(array, expected)
+    np.testing.assert_allclose(affine, expected_affine, atol=1e-4)
