@@ -940,9 +940,10 @@ def postprocessing(
     and affine; saved masks are uint8.
 
     Memory: the input grid holds the probabilities, ``out_channels`` float32 arrays (1 for
-    sigmoid), e.g. 2 x 4 B x 512x512x300 = 630 MB for two classes, while ``Invertd``
-    resamples them (its input on the working grid and its output); the discrete mask
-    replaces them.
+    sigmoid), e.g. 2 x 4 B x 512x512x300 = 630 MB for two classes; the discrete mask
+    replaces them. That is one channel more than resampling a label map (+0.3 GB here);
+    the peak is set by ``Invertd``'s resampling grid either way (measured: +4.5 GB over
+    the preprocessed case for a 512x512x300 CT, labels or probabilities alike).
     """
     keys = list(keys)
     if out_channels == 1:
