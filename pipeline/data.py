@@ -13,7 +13,7 @@ Paths are relative to a ``dataset_dir``; an ``image`` may be a file (``.nii``,
 series, or a list of files (channels). Command line::
 
     python -m pipeline datalist validate DATALIST --dataset_dir D [--allow-outside]
-    python -m pipeline datalist build DIR [--output F] [--folds K]
+    python -m pipeline datalist build DIR [--output F] [--folds K] [--series RULE ...]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pipeline.fileio import read_json
-from pipeline.readers import DataError, image_name, is_dicom_series_folder, list_images, read_volume
+from pipeline.readers import DataError, image_name, is_dicom_series_folder, list_images, read_volume, split_series_reference
 
 __all__ = [
     "DataError",
@@ -368,59 +368,206 @@ def check_datalist(
 # --------------------------------------------------------------------------------------------
 
 
-def _cases(folder: Path) -> dict[str, list[Path]]:
+def _cases(folder: Path, selection=None, skipped: list | None = None) -> dict[str, list]:
     """Case name -> image paths (one per channel) in ``folder``; ``_0000`` suffixes are channels.
 
     Images are found by :func:`pipeline.readers.list_images`, the rule batch segmentation uses too.
+    With a ``--series`` ``selection`` (:class:`pipeline.dicom.SeriesSelection`) a series folder
+    holding several image series gives the chosen ones (``folder__s<number>`` when several),
+    as series references; ``skipped`` receives the others with why.
     """
     if is_dicom_series_folder(folder):
         raise DataError(
             f"{folder}: holds DICOM files directly; put each series in a sub-folder of its own "
             "(the sub-folder's name is the case name)"
         )
-    cases: dict[str, list[tuple[int, Path]]] = {}
+    cases: dict[str, list[tuple[int, object]]] = {}
     for path in list_images(folder):
+        if path.is_dir() and selection is not None:
+            chosen = _chosen_series([path], selection, skipped, path.parent)
+            for name, image in _series_names(path.name, chosen):
+                cases.setdefault(name, []).append((0, image))
+            continue
         stem = image_name(path)
         match = re.fullmatch(r"(.+)_(\d{4})", stem)
         case, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
         cases.setdefault(case, []).append((channel, path))
-    return {case: [p for _, p in sorted(items)] for case, items in cases.items()}
+    return {case: [p for _, p in sorted(items, key=lambda item: item[0])] for case, items in cases.items()}
 
 
-def _pair(images: dict[str, list[Path]], label_folder: Path | None) -> tuple[list, list]:
-    """(labelled, unlabelled) entries of (case, images, label)."""
+def _chosen_series(folders: list[Path], selection, skipped: list | None, root: Path) -> list:
+    """The series of ``folders`` that ``selection`` uses (inventory entries); the rest go to ``skipped``."""
+    from pipeline import dicom
+
+    chosen = []
+    for entry in dicom.select(dicom.scan_folders(folders), selection):
+        if entry.action == "use":
+            chosen.append(entry)
+        elif skipped is not None:
+            skipped.append({"folder": _relative(Path(entry.folder), root), "series": entry.label(), "why": entry.why})
+    return chosen
+
+
+def _series_names(name: str, chosen: list) -> list[tuple[str, object]]:
+    """(case name, image) per chosen series entry: the folder (or a series reference) named
+    ``name``, or ``name__s<number>[_<tag><value>]`` when one folder gives several."""
+    if len(chosen) == 1 and not chosen[0].split:
+        entry = chosen[0]
+        return [(name, Path(entry.path) if entry.path == entry.folder else entry.path)]
+    named = []
+    for entry in chosen:
+        suffix = "".join(f"_{key}{value}" for key, value in entry.split.items())
+        image = Path(entry.path) if entry.path == entry.folder else entry.path
+        named.append((f"{name}__s{entry.series_number if entry.series_number is not None else 'X'}{suffix}", image))
+    return named
+
+
+def _relative(path, root: Path) -> str:
+    """A path (or series reference) relative to ``root``, POSIX; a folder ends with ``/``."""
+    text = str(path)
+    folder, uid, _ = split_series_reference(text)
+    if uid is not None:
+        return Path(folder).relative_to(root).as_posix() + text[len(folder):]
+    return Path(text).relative_to(root).as_posix() + ("/" if Path(text).is_dir() else "")
+
+
+def _unmatched_labels(labels: dict, images: dict, where: Path) -> None:
+    missing = sorted(set(labels) - set(images))
+    if missing:
+        raise DataError(
+            f"{where}: {len(missing)} label(s) without an image of the same name: "
+            + ", ".join(str(labels[name]) for name in missing[:10])
+            + " (a label is never dropped silently: add or rename the image, or move the label away)"
+        )
+
+
+def _pair(images: dict[str, list], label_folder: Path | None) -> tuple[list, list]:
+    """(labelled, unlabelled) entries of (case, images, label); a label without an image is an error."""
     labels = {}
     if label_folder is not None and label_folder.is_dir():
         labels = {case: paths[0] for case, paths in _cases(label_folder).items()}
+        _unmatched_labels(labels, images, label_folder)
     labelled, unlabelled = [], []
     for case, paths in sorted(images.items()):
         (labelled if case in labels else unlabelled).append((case, paths, labels.get(case)))
     return labelled, unlabelled
 
 
-def _flat_pairs(folder: Path) -> tuple[list, list]:
+def _flat_pairs(folder: Path, selection=None, skipped: list | None = None) -> tuple[list, list]:
     """Paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (or _label, _mask, _gt)."""
-    cases = _cases(folder)
+    cases = _cases(folder, selection, skipped)
     label_of = {}
     for case in list(cases):
         for suffix in LABEL_SUFFIXES:
             if case.endswith(suffix) and case[: -len(suffix)] in cases:
                 label_of[case[: -len(suffix)]] = cases.pop(case)[0]
                 break
+    for case, paths in cases.items():  # a series folder may hold its own label file
+        if case not in label_of and len(paths) == 1 and isinstance(paths[0], Path) and paths[0].is_dir():
+            inside = [p for p in list_images(paths[0]) if p.is_file() and _is_label_name(p)]
+            if len(inside) > 1:
+                raise DataError(f"{paths[0]}: {len(inside)} label files ({', '.join(p.name for p in inside)}); keep one")
+            if inside:
+                label_of[case] = inside[0]
     labelled = [(c, p, label_of[c]) for c, p in sorted(cases.items()) if c in label_of]
     unlabelled = [(c, p, None) for c, p in sorted(cases.items()) if c not in label_of]
     return labelled, unlabelled
 
 
-def _entry(root: Path, paths: list[Path], label: Path | None) -> dict:
-    rel = [p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in paths]
+LABEL_WORDS = ("label", "labels", "seg", "segmentation", "segmentations", "mask", "masks", "gt", "groundtruth", "ground_truth", "annotation")
+
+
+def _is_label_name(path: Path) -> bool:
+    """A volume file named like a label (``label.nii.gz``, ``liver_mask.nrrd``, ``seg.mha``...) or
+    lying in a folder named like one (``labels/``, ``masks/``, ``segmentations/``)."""
+    stem = image_name(path).lower()
+    words = re.split(r"[^a-z0-9]+", stem)
+    return bool(set(words) & set(LABEL_WORDS)) or path.parent.name.lower() in LABEL_WORDS
+
+
+def _patient_case(folder: Path, root: Path, selection, skipped: list | None) -> tuple[list, object] | None:
+    """``(images, label)`` of a patient folder (``p1/CT/*.dcm`` + ``p1/label.nii.gz``), searched
+    recursively; None when it holds no image and no label. DataError when it cannot be one case:
+    several images and no rule choosing, several labels, a label without an image, or a DICOM
+    SEG / RTSTRUCT label (not read by datalist build yet)."""
+    from pipeline import dicom
+
+    files, series_folders = [], []
+    for sub, dirs, _ in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(Path(sub) / d))
+        if is_dicom_series_folder(sub):
+            series_folders.append(Path(sub))
+        files += [p for p in list_images(sub) if p.is_file()]
+    labels = [p for p in files if _is_label_name(p)]
+    images: list = [p for p in files if not _is_label_name(p)]
+    inventory = dicom.select(dicom.scan_folders(series_folders), selection)
+    label_objects = [e for e in inventory if e.kind in ("segmentation", "rtstruct")]
+    ambiguous = [e for e in inventory if e.kind == "image" and e.action == "skip" and "--series" in e.why]
+    for entry in inventory:
+        if entry.action == "use":
+            images.append(Path(entry.path) if entry.path == entry.folder else entry.path)
+        elif skipped is not None and entry.kind not in ("segmentation", "rtstruct"):
+            skipped.append({"folder": _relative(Path(entry.folder), root), "series": entry.label(), "why": entry.why})
+    if not images and not labels and not label_objects and not ambiguous:
+        return None
+    name = _relative(folder, root)
+    if label_objects and not labels:
+        kinds = ", ".join(sorted({e.kind.upper() for e in label_objects}))
+        raise DataError(
+            f"{name}: the label is a DICOM {kinds} object, which datalist build does not read yet; "
+            "convert it to a NIfTI label (e.g. with 3D Slicer) next to the image"
+        )
+    if len(labels) > 1:
+        raise DataError(f"{name}: {len(labels)} label files ({', '.join(_relative(p, root) for p in labels)}); keep one")
+    if ambiguous and selection is None:
+        series = "; ".join(f"{_relative(Path(e.folder), root)} {e.label()}" for e in ambiguous)
+        raise DataError(f"{name}: several image series ({series}); choose with --series (see python -m pipeline dicom scan)")
+    if len(images) > 1:
+        listed = ", ".join(_relative(p, root) for p in images)
+        raise DataError(f"{name}: {len(images)} images ({listed}); keep one, or choose among DICOM series with --series")
+    refused = [e for e in inventory if e.action == "refuse"]
+    if not images and refused:
+        raise DataError(f"{name}: its image series cannot be read: " + "; ".join(f"{e.label()}: {e.why}" for e in refused))
+    if not images:
+        raise DataError(f"{name}: a label ({', '.join(_relative(p, root) for p in labels)}) but no image "
+                        "(a label is never dropped silently)")
+    return images, (labels[0] if labels else None)
+
+
+def _patient_pairs(root: Path, taken: set[str], selection, skipped: list | None) -> tuple[list, list]:
+    """Patient folders directly under ``root`` (sub-folders that are not themselves a series)."""
+    labelled, unlabelled, problems = [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.is_symlink()):
+        if folder.name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") or is_dicom_series_folder(folder):
+            continue
+        try:
+            found = _patient_case(folder, root, selection, skipped)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        if found is None:
+            continue
+        if folder.name in taken:
+            problems.append(f"{folder.name}/: a patient folder and an image of the same case name {folder.name!r} in {root}")
+            continue
+        images, label = found
+        (labelled if label is not None else unlabelled).append((folder.name, images, label))
+    if problems:
+        raise DataError(f"{root}: {len(problems)} patient folder(s) cannot be listed:\n  " + "\n  ".join(problems))
+    return labelled, unlabelled
+
+
+def _entry(root: Path, paths: list, label: Path | None) -> dict:
+    rel = [_relative(p, root) for p in paths]
     entry = {"image": rel[0] if len(rel) == 1 else rel}
     if label is not None:
         entry["label"] = label.relative_to(root).as_posix()
     return entry
 
 
-def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_fold: int = 0, seed: int = 0) -> dict:
+def build_datalist(
+    directory: str | os.PathLike, folds: int | None = None, val_fold: int = 0, seed: int = 0, series: Sequence[str] | None = None
+) -> dict:
     """Build an MSD-style datalist from a folder (paths relative to ``directory``).
 
     Layouts, tried in order:
@@ -428,7 +575,11 @@ def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_f
     * nnU-Net / MSD: ``imagesTr/`` + ``labelsTr/`` (training), ``imagesTs/`` (+ ``labelsTs/``)
       (test); ``case_0000.nii.gz``, ``case_0001.nii.gz`` are channels of ``case``;
     * ``images/`` + ``labels/`` (or ``masks/``) with the same case names;
-    * paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (``_label``, ``_mask``, ``_gt``).
+    * paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (``_label``, ``_mask``, ``_gt``);
+      a series folder's own label file (``case/IM0001...`` + ``case/label.nii.gz``) pairs with it;
+    * patient folders: ``p1/`` holding an image somewhere inside (a volume file or a DICOM series
+      folder, ``p1/CT/IM0001...``) and optionally a label file named like one (``label``, ``seg``,
+      ``mask``, ``gt``... or in a ``labels/`` folder), searched recursively; the case is ``p1``.
 
     Images are found with :func:`pipeline.readers.list_images` (the rule ``segment`` uses too):
     volume files, and sub-folders directly holding DICOM files (by suffix or the ``DICM``
@@ -436,26 +587,48 @@ def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_f
     ``dataset.json`` in ``directory`` when there is one; otherwise the classes are the
     values found in the labels (rename them in the file).
 
+    A label is never dropped silently: a label without an image, several labels for one case, a
+    patient folder with several images (or several DICOM image series and no ``series`` rule
+    choosing) and a DICOM SEG/RTSTRUCT label are :class:`DataError`\ s naming the folder.
+
     Args:
         folds: when given, each training entry gets ``"fold"`` (0..folds-1, shuffled with
             ``seed``) and the entries of ``val_fold`` form the ``validation`` section
             (:func:`select_fold` re-splits without rebuilding).
+        series: ``--series`` rules (:mod:`pipeline.dicom`) choosing among the DICOM series of a
+            folder; a chosen series in a folder holding several is listed as a series reference
+            ``folder?series=UID``. The series not used are listed under ``"skipped_series"``.
     """
+    from pipeline.dicom import SeriesSelection
+
+    try:
+        selection = SeriesSelection.parse(series)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    skipped: list = []
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     if (root / "imagesTr").is_dir():
-        labelled, unlabelled_tr = _pair(_cases(root / "imagesTr"), root / "labelsTr")
-        test_l, test_u = _pair(_cases(root / "imagesTs"), root / "labelsTs") if (root / "imagesTs").is_dir() else ([], [])
+        labelled, unlabelled_tr = _pair(_cases(root / "imagesTr", selection, skipped), root / "labelsTr")
+        if (root / "imagesTs").is_dir():
+            test_l, test_u = _pair(_cases(root / "imagesTs", selection, skipped), root / "labelsTs")
+        else:
+            test_l, test_u = [], []
         test = test_l + test_u + unlabelled_tr
     elif (root / "images").is_dir():
         label_folder = next((root / n for n in ("labels", "masks", "segmentations") if (root / n).is_dir()), None)
-        labelled, test = _pair(_cases(root / "images"), label_folder)
+        labelled, test = _pair(_cases(root / "images", selection, skipped), label_folder)
     else:
-        labelled, test = _flat_pairs(root)
+        labelled, test = _flat_pairs(root, selection, skipped)
+        taken = {case for case, _, _ in labelled + test}
+        patients_labelled, patients_test = _patient_pairs(root, taken, selection, skipped)
+        labelled = sorted(labelled + patients_labelled, key=lambda item: item[0])
+        test = sorted(test + patients_test, key=lambda item: item[0])
     if not labelled and not test:
         raise DataError(
-            f"{root}: no images found (expected imagesTr/ + labelsTr/, images/ + labels/, or case.nii.gz + case_seg.nii.gz)"
+            f"{root}: no images found (expected imagesTr/ + labelsTr/, images/ + labels/, case.nii.gz + case_seg.nii.gz, "
+            "or patient folders p1/ holding an image and a label)"
         )
 
     content: dict = {"name": root.resolve().name, "description": "built by `python -m pipeline datalist build`"}
@@ -481,6 +654,9 @@ def build_datalist(directory: str | os.PathLike, folds: int | None = None, val_f
     if folds is not None:
         content = select_fold(content, val_fold)
     content["numTraining"], content["numTest"] = len(content["training"]), len(content["test"])
+    if selection is not None:
+        content["series_rules"] = list(series)
+        content["skipped_series"] = skipped
     return content
 
 
@@ -555,6 +731,9 @@ def datalist_main(argv: list[str] | None = None) -> int:
     build.add_argument("--val-fold", type=int, default=0, help="fold used as the validation section")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    build.add_argument("--series", action="append", default=None, metavar="RULE",
+                       help="DICOM folders: which series to list, per study (repeatable, as for segment): modality=CT, "
+                            "description~venous, orientation=axial, number=3, uid=..., axial-thinnest, all")
     args = parser.parse_args(argv)
 
     if args.command == "validate":
@@ -570,7 +749,7 @@ def datalist_main(argv: list[str] | None = None) -> int:
     try:
         if args.output and Path(args.output).exists() and not args.overwrite:
             raise DataError(f"{args.output}: exists; pass --overwrite to replace it")
-        content = build_datalist(args.directory, folds=args.folds, val_fold=args.val_fold, seed=args.seed)
+        content = build_datalist(args.directory, folds=args.folds, val_fold=args.val_fold, seed=args.seed, series=args.series)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

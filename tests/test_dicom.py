@@ -623,3 +623,100 @@ def test_compressed_series_are_decoded_by_gdcm(tmp_path, codec):
     expected, expected_affine = read_volume(study.folder)
     np.testing.assert_allclose(array, expected)
     np.testing.assert_allclose(affine, expected_affine, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# datalist build: patient folders, --series, labels never dropped
+# --------------------------------------------------------------------------------------------
+
+
+def save_label(path: Path, image_path, threshold: float = 0.0) -> Path:
+    """A label on the image's own grid (what a lab exports from Slicer next to the series)."""
+    import nibabel as nib
+
+    array, affine = read_volume(image_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image((array > threshold).astype(np.uint8), affine), str(path))
+    return path
+
+
+def test_datalist_build_patient_folders(tmp_path):
+    from pipeline.data import build_datalist, validate_datalist
+
+    root = tmp_path / "study"
+    Study(root / "p1" / "CT", patient="A^A").series(body_volume(6), number=2)
+    save_label(root / "p1" / "label.nii.gz", root / "p1" / "CT")
+    Study(root / "p2" / "CT", patient="B^B").series(body_volume(5), number=2)  # no label yet: a test case
+    flat_export(root / "p3" / "export")  # a whole PACS export inside the patient folder
+    content_error = None
+    with pytest.raises(DataError, match=r"p3/: several image series .*choose with --series") as content_error:
+        build_datalist(root)
+    assert "p1" not in str(content_error.value)  # only the folder that needs a choice is named
+
+    reference = next(e for e in dicom.select(dicom.scan(root / "p3"), dicom.SeriesSelection.parse(["axial-thinnest"]))
+                     if e.action == "use").path
+    save_label(root / "p3" / "seg.nii.gz", reference)
+    content = build_datalist(root, series=["axial-thinnest"])
+    assert content["training"] == [
+        {"image": "p1/CT/", "label": "p1/label.nii.gz"},
+        {"image": "p3/export" + reference[len(str(root / "p3" / "export")):], "label": "p3/seg.nii.gz"},
+    ]
+    assert content["test"] == [{"image": "p2/CT/"}]
+    assert content["labels"] == {"0": "background", "1": "class_1"}
+    assert {row["series"].split(" (")[0] for row in content["skipped_series"]} >= {"series 1", "series 2", "series 4"}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(content))
+    assert validate_datalist(datalist, root) == []  # the reference reads, the label sits on its grid
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("label_without_image", r"p4/: a label \(p4/label.nii.gz\) but no image"),
+        ("two_labels", r"p1/: 2 label files"),
+        ("labels_tr_orphan", r"labelsTr: 1 label\(s\) without an image of the same name: .*orphan.nii.gz"),
+        ("rtstruct_label", r"p1/: the label is a DICOM RTSTRUCT object"),
+    ],
+)
+def test_datalist_build_never_drops_a_label_silently(tmp_path, layout, message):
+    import shutil
+
+    from pipeline.data import build_datalist, datalist_main
+
+    root = tmp_path / "data"
+    if layout == "labels_tr_orphan":
+        Study(root / "imagesTr" / "a").series(body_volume(4))
+        save_label(root / "labelsTr" / "a.nii.gz", root / "imagesTr" / "a")
+        shutil.copy(root / "labelsTr" / "a.nii.gz", root / "labelsTr" / "orphan.nii.gz")
+    else:
+        Study(root / "p1" / "CT").series(body_volume(4))
+        if layout == "label_without_image":
+            save_label(root / "p4" / "label.nii.gz", root / "p1" / "CT")
+        elif layout == "two_labels":
+            save_label(root / "p1" / "label.nii.gz", root / "p1" / "CT")
+            save_label(root / "p1" / "liver_mask.nii.gz", root / "p1" / "CT")
+        else:
+            (root / "p1" / "RT").mkdir()
+            rtstruct = pydicom.dcmread(get_testdata_file("rtstruct.dcm"), force=True)  # a real RTSTRUCT, as a Part 10 file
+            rtstruct.file_meta = FileMetaDataset()
+            rtstruct.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+            rtstruct.file_meta.MediaStorageSOPClassUID = rtstruct.SOPClassUID
+            rtstruct.file_meta.MediaStorageSOPInstanceUID = rtstruct.SOPInstanceUID
+            rtstruct.save_as(root / "p1" / "RT" / "RS0001", enforce_file_format=True)
+    with pytest.raises(DataError, match=message):
+        build_datalist(root)
+    assert datalist_main(["build", str(root), "--output", str(tmp_path / "out.json")]) == 1
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_datalist_build_command_with_series(tmp_path, capsys):
+    from pipeline.data import datalist_main
+
+    root = tmp_path / "data"
+    flat_export(root / "p1" / "export")
+    assert datalist_main(["build", str(root), "--series", "description~venous", "--output", str(tmp_path / "d.json")]) == 0
+    content = json.loads((tmp_path / "d.json").read_text())
+    assert content["test"][0]["image"].startswith("p1/export?series=")
+    assert content["series_rules"] == ["description~venous"]
+    assert datalist_main(["build", str(root), "--series", "nonsense"]) == 1
+    assert "--series 'nonsense'" in capsys.readouterr().err
