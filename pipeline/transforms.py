@@ -48,7 +48,8 @@ Augmentation (``train_transforms(augment=...)``, items in :data:`AUGMENTATIONS`,
 switchable): what a scanner does to raw intensities runs before the body mask and the
 normalisation, which therefore run per epoch on the cached body box (``background``: the
 air rewritten as zeros, noise or field-of-view padding; ``bias_field``: a smooth
-multiplicative field, MRI only by default). Everything else runs on the normalised patch,
+multiplicative field; both on by default for MRI only: CT's fixed HU threshold already
+sees every air convention alike). Everything else runs on the normalised patch,
 where it is cheap and where gamma keeps the background constant (``spatial``, ``contrast``:
 gamma, ``intensity``: scale/shift, ``resolution``: low-resolution simulation and thick
 slices along one axis, ``noise``).
@@ -562,8 +563,9 @@ PRESETS: dict[str, Preset] = {
         description="body mask (-500 HU); clip to an HU window or the body's percentiles, then scale to [0, 1] or z-score; air -1 (-5)",
         body=_ct_body,
         air=Air(level=-1000.0, fills=(-1000.0, -1024.0), pads=(-1024.0, -2000.0, -3024.0), noise=(5.0, 40.0)),
-        # HU are calibrated: a bias field is not a CT artefact
-        augment=frozenset({"spatial", "background", "intensity", "contrast", "resolution", "noise"}),
+        # HU are calibrated: a bias field is not a CT artefact, and air (-1000), -1024 or
+        # -3024 padding all fall below -500 HU, so randomising them would change nothing
+        augment=frozenset({"spatial", "intensity", "contrast", "resolution", "noise"}),
     ),
     "mri": Preset(
         intensity=lambda intensity, key: [NormalizeBodyd(key, _mri_body(intensity), output="zscore")],

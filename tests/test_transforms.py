@@ -446,7 +446,9 @@ def test_augmentations_switch_one_by_one(tmp_path, heads):
     assert "RandBiasFieldd" not in names(augment={"bias_field": False})
     assert "RandGaussianNoised" not in names(augment={"noise": False}) and "RandBackgroundd" in names(augment={"noise": False})
     assert [n for n in names(augment=False) if n.startswith("Rand")] == ["RandCropByPosNegLabeld"]
-    assert "RandBiasFieldd" not in names(preset="ct")  # HU are calibrated: off by default for CT
+    # CT: HU are calibrated and every air convention is below the -500 HU body threshold: both off by default
+    assert not {"RandBiasFieldd", "RandBackgroundd"} & set(names(preset="ct"))
+    assert {"RandBiasFieldd", "RandBackgroundd"} <= set(names(preset="ct", augment={"bias_field": True, "background": True}))
     with pytest.raises(ValueError, match="unknown augmentations"):
         names(augment={"elastic": True})
     with pytest.raises(ValueError, match="no body mask"):
