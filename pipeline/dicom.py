@@ -217,7 +217,9 @@ def scan_folders(folders: Iterable[str | os.PathLike], tolerance: float = 1e-2) 
                     entry.action, entry.why = "refuse", f"damaged file(s) in this folder: {names}"
         images = {e.series_uid for e in folder_entries if e.kind == "image"}
         for entry in folder_entries:
-            entry.path = entry.folder if len(groups) == 1 and not entry.split else series_reference(entry.folder, entry.series_uid, entry.split)
+            # the folder itself when the reader's default picks this volume (its one image series)
+            alone = len(images) == 1 and not entry.split and entry.kind == "image"
+            entry.path = entry.folder if alone else series_reference(entry.folder, entry.series_uid, entry.split)
             if entry.action != "use":
                 continue
             if len(images) > 1:
@@ -503,5 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rows:
             print(format_table(rows, args.show_phi))
         rules = f" with --series {selection.describe()}" if selection else ""
-        print(f"\n{len(rows)} series in {len({r['folder'] for r in rows})} folder(s); {used} to use{rules}")
+        series = len({(e.folder, e.series_uid) for e in entries})
+        volumes = f" ({len(rows)} rows: volumes of split series count apart)" if len(rows) != series else ""
+        print(f"\n{series} series{volumes} in {len({r['folder'] for r in rows})} folder(s); {used} to use{rules}")
     return 0 if used else 1
