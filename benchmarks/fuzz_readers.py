@@ -193,14 +193,11 @@ def fuzz(iterations: int, seed: int, max_rss_gb: float, folder: Path) -> dict:
             finding = f"refused without naming the file: {message}"
         elif rss_gb > max_rss_gb:
             finding = f"peak memory {rss_gb:.1f} GB"
-        if finding:
+        if finding:  # the mutant is kept (with --keep) to become a regression test
             findings.append({"mutant": target.name, "mutation": what, "finding": finding})
-        else:
-            counts[outcome] += 1
-        if outcome != "crash" and target.is_dir():
-            shutil.rmtree(target)
-        elif outcome != "crash":
-            target.unlink()
+            continue
+        counts[outcome] += 1
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     return {"iterations": iterations, "seed": seed, "seconds": round(time.perf_counter() - start, 1), **counts, "findings": findings}
 
 

@@ -70,6 +70,9 @@ __all__ = [
     "split_series_reference",
     "is_series_reference",
     "input_files",
+    "dicom_volume_affine",
+    "read_rtstruct",
+    "RTSTRUCT_SOP_CLASS",
     "read_volume",
     "is_nifti",
     "strip_image_suffix",
@@ -345,8 +348,10 @@ def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | Non
 def _check_dicom_file(path: Path) -> None:
     """A single DICOM file given as an image: its native PixelData must hold what its header
     claims (a header claiming 65535 frames over 32 KB of pixels is refused before reading)."""
-    if not _dicom_headers(path.parent, only=path):
-        return  # not parsed as DICOM here: SimpleITK's own error will name it
+    headers = _dicom_headers(path.parent, only=path)
+    if not headers or "Rows" not in headers[0][1] or "Columns" not in headers[0][1]:
+        # Not handed to SimpleITK to guess: on a damaged header GDCM can allocate gigabytes first.
+        raise DataError(f"{path}: not a readable DICOM image (its header does not parse, or has no Rows/Columns)")
 
 
 def _dicom_headers(folder: Path, damaged: dict[str, str] | None = None, only: Path | None = None) -> list[tuple[str, Any]]:
@@ -366,7 +371,8 @@ def _dicom_headers(folder: Path, damaged: dict[str, str] | None = None, only: Pa
             continue
         try:
             with open(path, "rb") as handle:
-                header = pydicom.dcmread(handle, stop_before_pixels=True)
+                # defer_size: a corrupt element length (say 0xFFFFFFF0) is skipped, not allocated
+                header = pydicom.dcmread(handle, stop_before_pixels=True, defer_size="1 MB")
                 pixel_tag_at = handle.tell()
         except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, TypeError, AttributeError, NotImplementedError):
             continue  # not DICOM (a README, a thumbnail...): series folders often hold such files
@@ -1232,9 +1238,9 @@ class SimpleITKReader(ImageReader):
             return LoadedImage(image, path, info)
         if not Path(path).exists():
             raise DataError(f"{path}: file not found")
-        _check_sitk_size(path)
         if is_dicom_file(path):
             _check_dicom_file(Path(path))
+        _check_sitk_size(path)
         try:
             image = sitk.ReadImage(path)
         except RuntimeError as err:
@@ -1320,3 +1326,98 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> tuple
 def _read_sitk(reader: SimpleITKReader, path: str) -> tuple[np.ndarray, np.ndarray]:
     array, meta = reader.get_data(reader.read(path))
     return array, meta[MetaKeys.AFFINE]
+
+
+# --------------------------------------------------------------------------------------------
+# RT structure sets: contours onto a series' grid
+# --------------------------------------------------------------------------------------------
+
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def dicom_volume_affine(volume: DicomVolume) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, affine)`` of the grid a planned volume is read on: ``(columns, rows, slices)`` and
+    the 4x4 RAS affine :class:`SimpleITKReader` gives it (without reading any pixel)."""
+    if volume.direction is None:
+        raise DataError(f"{volume.slices[0].path}: a single image without per-slice geometry has no 3D grid")
+    import pydicom
+
+    header = pydicom.dcmread(volume.slices[0].path, stop_before_pixels=True)
+    lps = np.eye(4)
+    lps[:3, :3] = volume.direction * np.asarray(volume.spacing)
+    lps[:3, 3] = volume.origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return (int(header.Columns), int(header.Rows), volume.num_slices), affine
+
+
+def read_rtstruct(
+    path: str | os.PathLike, reference: str | os.PathLike, roi_names: Sequence[str] | dict[str, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Rasterise an RTSTRUCT's contours onto the grid of the series it was drawn on.
+
+    Args:
+        path: the RT structure set file.
+        reference: the image series (a folder or a series reference), read as :func:`read_volume` would.
+        roi_names: which ROIs become which class: a list (class k = the k-th name, from 1) or a
+            ``{name: class}`` dict, compared case-insensitively; default: every ROI, in the file's
+            order, as classes 1, 2, ...
+
+    Returns:
+        ``(mask, affine, classes)``: a uint8/uint16 ``(i, j, k)`` class map on the reference's
+        grid, its 4x4 RAS affine, and class -> ROI name. A pixel belongs to an ROI when its centre
+        lies inside an odd number of the ROI's contours on its slice (inner contours are holes).
+
+    Raises:
+        DataError naming the file: not an RTSTRUCT, a named ROI that is missing, a contour that lies
+        off the reference's slice planes (drawn on another series), a frame of reference that differs.
+    """
+    import pydicom
+    from matplotlib.path import Path as PolygonPath
+
+    try:
+        structure = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from err
+    if str(structure.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:
+        raise DataError(f"{path}: not an RT structure set (SOP class {structure.get('SOPClassUID', '?')})")
+    volume, _ = resolve_dicom_volume(reference)
+    shape, affine = dicom_volume_affine(volume)
+    frame_uids = {str(item.get("FrameOfReferenceUID", "")) for item in structure.get("ReferencedFrameOfReferenceSequence", [])}
+    source_frame = str(pydicom.dcmread(volume.slices[0].path, stop_before_pixels=True).get("FrameOfReferenceUID", ""))
+    if source_frame and frame_uids and source_frame not in frame_uids:
+        raise DataError(f"{path}: drawn in frame of reference {', '.join(sorted(frame_uids))}, the series {reference} is in {source_frame}")
+    rois = {int(item.ROINumber): str(item.ROIName) for item in structure.get("StructureSetROISequence", [])}
+    if roi_names is None:
+        classes = {number: index + 1 for index, number in enumerate(rois)}
+    else:
+        wanted = {name.lower(): k for name, k in (roi_names.items() if isinstance(roi_names, dict) else
+                                                   ((n, i + 1) for i, n in enumerate(roi_names)))}
+        by_name = {name.lower(): number for number, name in rois.items()}
+        missing = sorted(set(wanted) - set(by_name))
+        if missing:
+            raise DataError(f"{path}: no ROI named {', '.join(missing)} (ROIs: {', '.join(rois.values()) or 'none'})")
+        classes = {by_name[name]: k for name, k in wanted.items()}
+    to_voxel = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)  # LPS mm -> (i, j, k)
+    mask = np.zeros(shape, dtype=np.uint8 if max(classes.values(), default=0) < 256 else np.uint16)
+    centres = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), axis=-1).reshape(-1, 2)
+    for item in structure.get("ROIContourSequence", []):
+        number = int(item.ReferencedROINumber)
+        if number not in classes:
+            continue
+        inside = np.zeros(shape, dtype=bool)
+        for contour in item.get("ContourSequence", []):
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            if len(points) < 3:
+                continue
+            voxels = np.c_[points, np.ones(len(points))] @ to_voxel.T
+            k = float(np.mean(voxels[:, 2]))
+            if np.abs(voxels[:, 2] - k).max() > 0.1 or abs(k - round(k)) > 0.1 or not 0 <= round(k) < shape[2]:
+                raise DataError(
+                    f"{path}: a contour of ROI {rois.get(number, number)!r} lies off the slice planes of {reference} "
+                    f"(at slice index {k:.2f}); was it drawn on another series?"
+                )
+            polygon = PolygonPath(voxels[:, :2], closed=True)
+            hit = polygon.contains_points(centres).reshape(shape[:2])
+            inside[:, :, int(round(k))] ^= hit
+        mask[inside] = classes[number]
+    return mask, affine, {k: rois[number] for number, k in classes.items()}
