@@ -7,6 +7,7 @@ still takes a couple of minutes on two cores, hence ``slow`` (they run in CI all
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,11 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     "unetpp_3d_seg": [
-        "--network_def#features", "[4,8,16]", "--network_def#depth", "2",
+        "--features", "[4,8,16]", "--depth", "2",
         "--roi_size", "[32,32,32]", "--sw_roi_size", "[64,64,64]", "--num_samples", "2",
     ],
     "unetpp_2d_seg": [
-        "--network_def#features", "[4,8,16]", "--network_def#depth", "2",
+        "--features", "[4,8,16]", "--depth", "2",
         "--roi_size", "[64,64]", "--sw_roi_size", "[128,128]", "--num_samples", "2",
     ],
 }  # fmt: skip
@@ -133,6 +134,65 @@ def test_train_evaluate_infer(bundle, demo, tmp_path):
     assert (tmp_path / "fast_eval" / "val_mean_dice_raw.csv").is_file()
 
 
+def test_a_trained_bundle_copied_anywhere_runs_every_command_from_inside_it_without_overrides(demo, tmp_path):
+    """Train once with overrides; afterwards no command repeats them, from a folder outside the repository."""
+    from pipeline import segment
+
+    bundle = tmp_path / "lab" / "my_bundle"
+    shutil.copytree(os.path.join(REPO, "bundles", "unetpp_3d_seg"), bundle, ignore=shutil.ignore_patterns("models", "logs", "eval"))
+    assert os.path.commonpath([str(bundle), REPO]) != REPO
+    dataset_dir, datalist = demo["unetpp_3d_seg"]
+    data = ["--dataset_dir", str(dataset_dir), "--datalist", str(datalist)]
+    trained = [*TINY["unetpp_3d_seg"], "--norm", "batch", "--preset", "ct", "--intensity", "{'a_min': -1, 'a_max': 2}"]
+
+    def bundle_run(*args):
+        result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=bundle, env=ENV, timeout=300,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:]
+        return result.stdout
+
+    bundle_run("run", "--config_file", "configs/train.json", *data, *trained, "--max_epochs", "1", "--val_interval", "1",
+               "--progress_bar", "False", "--num_workers", "0")  # fmt: skip
+    settings = json.loads((bundle / "models" / "settings.json").read_text())
+    assert (settings["preset"], settings["depth"], settings["norm"]) == ("ct", 2, "batch")
+    assert settings["labels"] == {"0": "background", "1": "foreground"}
+
+    bundle_run("run", "--config_file", "['configs/train.json','configs/evaluate.json']", *data)
+    assert float(dict(read_csv(bundle / "eval" / "metrics.csv"))["val_mean_dice"]) >= 0.0
+    images = sorted((dataset_dir / "synthetic_3d" / "imagesTs").glob("*.nii.gz"))
+    bundle_run("run", "--config_file", "configs/inference.json", "--dataset_dir", str(images[0].parent))
+    assert sorted(p.name for p in (bundle / "eval" / "masks").iterdir()) == [i.name.replace(".nii.gz", "_seg.nii.gz") for i in images]
+    bundle_run("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+               "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")  # fmt: skip
+    bundle_run("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    assert torch.jit.load(str(bundle / "models" / "model.ts")).depth == 2
+
+    # segment: no override reproduces training's settings; the explicit-override path gives the same masks
+    inputs = images[0].parent
+    assert segment.main(["--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "auto"), "--quiet"]) == 0
+    explicit = [f"--override={k}={v}" for k, v in (("features", "[4,8,16]"), ("depth", "2"), ("norm", "batch"), ("preset", "ct"),
+                                                   ("intensity", '{"a_min": -1, "a_max": 2}'), ("roi_size", "[32,32,32]"))]  # fmt: skip
+    assert segment.main(["--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "explicit"), "--quiet", *explicit]) == 0
+    for image in images:
+        mask = image.name.replace(".nii.gz", "_seg.nii.gz")
+        auto, by_hand = nib.load(tmp_path / "auto" / mask), nib.load(tmp_path / "explicit" / mask)
+        np.testing.assert_array_equal(np.asarray(auto.dataobj), np.asarray(by_hand.dataobj))
+        np.testing.assert_array_equal(np.asarray(auto.dataobj), np.asarray(nib.load(bundle / "eval" / "masks" / mask).dataobj))
+    # an override that contradicts the trained settings is refused unless --force
+    assert segment.main(["--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "mri"), "--quiet",
+                         "--override", "preset=mri", "--override", "intensity=null"]) == 2  # fmt: skip
+
+    # resume after a config edit: the earlier masks were made by another config, so they are not kept silently
+    inference = bundle / "configs" / "inference.json"
+    inference.write_text(inference.read_text().replace('"overlap": 0.5', '"overlap": 0.25'))
+    assert segment.main(["--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "auto"), "--quiet"]) == 1
+    rows = json.loads((tmp_path / "auto" / "summary.json").read_text())["cases"]
+    assert all("other settings (config)" in row["reason"] for row in rows), rows
+    assert segment.main(["--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "auto"), "--quiet", "--overwrite"]) == 0
+    rows = json.loads((tmp_path / "auto" / "summary.json").read_text())["cases"]
+    assert {row["status"] for row in rows} == {"done"}
+
+
 def test_invalid_datalist_stops_before_training(demo, tmp_path):
     dataset_dir, datalist = demo["unetpp_3d_seg"]
     content = json.loads(datalist.read_text())
@@ -201,6 +261,18 @@ def test_torchrun_two_cpu_processes(demo, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     assert [r["epoch"] for r in log_rows(tmp_path)] == ["1", "2"], out[-3000:]  # written by rank 0 only
     assert out.count("Epoch 2/2:") == 1, out[-3000:]
+
+    # evaluation sharded over the two processes: every test case is measured once, rank 0 writes
+    code, out = run(command(
+        "unetpp_3d_seg", ["train.json", "demo.json", "evaluate.json", "multi_gpu_evaluate.json"], demo, tmp_path,
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"),
+    ))  # fmt: skip
+    assert code == 0, out[-3000:]
+    per_case = read_csv(tmp_path / "eval" / "val_mean_dice_raw.csv")
+    _, datalist = demo["unetpp_3d_seg"]
+    tests = [os.path.basename(e["image"]) for e in json.loads(datalist.read_text())["test"]]
+    assert sorted(os.path.basename(row[0]) for row in per_case[1:]) == sorted(tests), per_case
+    assert 0.0 <= float(dict(read_csv(tmp_path / "eval" / "metrics.csv"))["val_mean_dice"]) <= 1.0
 
 
 def test_mlflow_tracking(demo, tmp_path):
