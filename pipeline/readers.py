@@ -1350,6 +1350,19 @@ def dicom_volume_affine(volume: DicomVolume) -> tuple[tuple[int, int, int], np.n
     return (int(header.Columns), int(header.Rows), volume.num_slices), affine
 
 
+def _contour_points(contour: Any) -> np.ndarray:
+    """ContourData as an ``(N, 3)`` array, parsed straight from the encoded text when still raw
+    (pydicom's per-value conversion costs seconds over a whole structure set)."""
+    raw = contour.get_item(0x30060050)
+    value = getattr(raw, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return np.array(bytes(value).decode("ascii").strip(" \x00").split("\\"), dtype=float).reshape(-1, 3)
+        except (UnicodeDecodeError, ValueError):
+            pass
+    return np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+
+
 def read_rtstruct(
     path: str | os.PathLike, reference: str | os.PathLike, roi_names: Sequence[str] | dict[str, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -1399,14 +1412,13 @@ def read_rtstruct(
         classes = {by_name[name]: k for name, k in wanted.items()}
     to_voxel = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)  # LPS mm -> (i, j, k)
     mask = np.zeros(shape, dtype=np.uint8 if max(classes.values(), default=0) < 256 else np.uint16)
-    centres = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), axis=-1).reshape(-1, 2)
     for item in structure.get("ROIContourSequence", []):
         number = int(item.ReferencedROINumber)
         if number not in classes:
             continue
         inside = np.zeros(shape, dtype=bool)
         for contour in item.get("ContourSequence", []):
-            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            points = _contour_points(contour)
             if len(points) < 3:
                 continue
             voxels = np.c_[points, np.ones(len(points))] @ to_voxel.T
@@ -1416,8 +1428,13 @@ def read_rtstruct(
                     f"{path}: a contour of ROI {rois.get(number, number)!r} lies off the slice planes of {reference} "
                     f"(at slice index {k:.2f}); was it drawn on another series?"
                 )
-            polygon = PolygonPath(voxels[:, :2], closed=True)
-            hit = polygon.contains_points(centres).reshape(shape[:2])
-            inside[:, :, int(round(k))] ^= hit
+            # only the pixel centres inside the contour's bounding box can be inside it
+            low = np.clip(np.ceil(voxels[:, :2].min(axis=0)).astype(int), 0, np.asarray(shape[:2]) - 1)
+            high = np.clip(np.floor(voxels[:, :2].max(axis=0)).astype(int), 0, np.asarray(shape[:2]) - 1)
+            if np.any(high < low):
+                continue
+            i, j = np.meshgrid(np.arange(low[0], high[0] + 1), np.arange(low[1], high[1] + 1), indexing="ij")
+            hit = PolygonPath(voxels[:, :2], closed=True).contains_points(np.c_[i.ravel(), j.ravel()]).reshape(i.shape)
+            inside[low[0]:high[0] + 1, low[1]:high[1] + 1, int(round(k))] ^= hit
         mask[inside] = classes[number]
     return mask, affine, {k: rois[number] for number, k in classes.items()}

@@ -42,7 +42,10 @@ __all__ = [
     "NiftiMaskWriter",
     "DicomSegWriter",
     "QaPngWriter",
+    "RtStructWriter",
     "write_mask_nifti",
+    "write_rtstruct",
+    "mask_contours",
     "write_dicom_seg",
     "write_qa_png",
 ]
@@ -254,6 +257,171 @@ class DicomSegWriter(OutputWriter):
 
     def write(self, prediction: Prediction, path: Path) -> None:
         write_dicom_seg(prediction.mask, prediction.case.first_path, prediction.class_names, path)
+
+
+# --------------------------------------------------------------------------------------------
+# RT structure set
+# --------------------------------------------------------------------------------------------
+
+# Patient and study attributes an RT structure set must carry (PS3.3 C.7.1.1, C.7.2.1): copied
+# from the source, nothing else of it (no other identifying attribute leaves with the contours).
+RTSTRUCT_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+ROI_COLOURS = ((255, 0, 0), (0, 255, 255), (255, 255, 0), (0, 255, 0), (255, 0, 255), (255, 128, 0))
+
+
+def _decimal_strings(values: np.ndarray):
+    """A DS element's encoded value, written as is: pydicom's per-value DS objects and checks
+    cost seconds for the ~10^5 contour coordinates of one structure set."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    text = "\\".join(f"{v:.4f}" for v in values).encode("ascii")
+    text += b" " * (len(text) % 2)
+    return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
+
+
+def mask_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """Closed outlines of a 2D boolean ``(i, j)`` mask, as ``(N, 2)`` arrays of ``(i, j)`` voxel
+    coordinates (marching squares at 0.5, so they pass between pixel centres: a pixel is inside
+    its outline, its outside neighbours are not). Holes are separate outlines."""
+    import contourpy
+
+    padded = np.pad(plane.astype(np.float32), 1).T  # (j, i) rows, zero border: every outline closes
+    lines = contourpy.contour_generator(z=padded, name="serial", line_type="Separate").lines(0.5)
+    outlines = []
+    for line in lines:
+        line = np.asarray(line, dtype=float) - 1.0  # undo the padding
+        if len(line) > 1 and np.allclose(line[0], line[-1]):
+            line = line[:-1]  # DICOM closed planar contours do not repeat the first point
+        if len(line) >= 3:
+            outlines.append(line)
+    return outlines
+
+
+def write_rtstruct(mask: np.ndarray, affine: np.ndarray, reference: str, class_names: dict[int, str], path: Path) -> None:
+    """Write an RTSTRUCT of an ``(i, j, k)`` class-value mask on its source series' grid.
+
+    One ROI per class (named from ``class_names``, generation algorithm AUTOMATIC, interpreted
+    type ORGAN), one CLOSED_PLANAR contour per outline and slice, in patient coordinates, each
+    referencing the source image it lies on (slices the reader interpolated to fill a gap
+    reference none). The series is read as the pipeline reads it: a tilted series' contours lie in
+    the source planes, so a treatment-planning system overlays them on the original images.
+    Only the patient and study attributes the standard requires are copied from the source.
+    """
+    import datetime
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from pipeline.readers import RTSTRUCT_SOP_CLASS, dicom_volume_affine, resolve_dicom_volume
+
+    volume, _ = resolve_dicom_volume(reference)
+    shape, grid_affine = dicom_volume_affine(volume)
+    if tuple(mask.shape) != shape or not np.allclose(affine, grid_affine, atol=1e-3):
+        raise DataError(f"{reference}: the mask's grid {mask.shape} differs from the series' {shape}; no RTSTRUCT")
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in volume.files}
+    first = headers[volume.files[0]]
+    frame_uid = first.get("FrameOfReferenceUID")
+    if not frame_uid:
+        raise DataError(f"{reference}: the series has no FrameOfReferenceUID, which an RTSTRUCT must reference")
+    # grid slice k -> the source plane at its position (none for a slice filled by interpolation)
+    along = np.asarray(volume.along, dtype=float)
+    source_of = {}
+    for k in range(shape[2]):
+        nearest = int(np.argmin(np.abs(along - k * volume.spacing[2])))
+        if abs(along[nearest] - k * volume.spacing[2]) < 1e-3 * volume.spacing[2] + 1e-4:
+            source_of[k] = volume.slices[nearest]
+
+    def image_reference(plane) -> Dataset:
+        item = Dataset()
+        header = headers[plane.path]
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+        if plane.frame is not None:
+            item.ReferencedFrameNumber = plane.frame + 1
+        return item
+
+    now = datetime.datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
+    ds.SOPClassUID = RTSTRUCT_SOP_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword in RTSTRUCT_COPIED:
+        setattr(ds, keyword, first.get(keyword, ""))
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 901
+    ds.SeriesDescription, ds.InstanceNumber = "UNet++ contours", 1
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "unetpp-pipeline", "UNet++", __version__
+    ds.StructureSetLabel, ds.StructureSetName = "UNet++", "UNet++ segmentation"
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ContentDate, ds.ContentTime = ds.StructureSetDate, ds.StructureSetTime
+
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = first.SeriesInstanceUID
+    series_item.ContourImageSequence = [image_reference(plane) for plane in volume.slices]
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (the usual value)
+    study_item.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study_item.RTReferencedSeriesSequence = [series_item]
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = frame_uid
+    frame_item.RTReferencedStudySequence = [study_item]
+    ds.ReferencedFrameOfReferenceSequence = [frame_item]
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
+    for index, (number, name) in enumerate(sorted(class_names.items())):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, frame_uid, name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        ds.StructureSetROISequence.append(roi)
+        contours = []
+        for k in range(shape[2]):
+            plane = mask[:, :, k] == number
+            if not plane.any():
+                continue
+            for outline in mask_contours(plane):
+                points = np.c_[outline, np.full(len(outline), k), np.ones(len(outline))] @ lps.T
+                contour = Dataset()
+                contour.ContourGeometricType = "CLOSED_PLANAR"
+                contour.NumberOfContourPoints = len(points)
+                contour[0x30060050] = _decimal_strings(points[:, :3].ravel())  # ContourData
+                if k in source_of:
+                    contour.ContourImageSequence = [image_reference(source_of[k])]
+                contours.append(contour)
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ROIDisplayColor = list(ROI_COLOURS[index % len(ROI_COLOURS)])
+        if contours:
+            item.ContourSequence = contours
+        ds.ROIContourSequence.append(item)
+        observation = Dataset()
+        observation.ObservationNumber, observation.ReferencedROINumber = number, number
+        observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+        ds.RTROIObservationsSequence.append(observation)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@register_writer
+class RtStructWriter(OutputWriter):
+    """``<case>_rtstruct.dcm``: an RT structure set, one ROI per class, referencing the source series."""
+
+    name, key, suffix = "rtstruct", "rtstruct", "_rtstruct.dcm"
+    help = "<case>_rtstruct.dcm for DICOM series inputs: one ROI of contours per class, for treatment planning"
+
+    def applies_to(self, case: Case) -> bool:
+        return case.is_dicom
+
+    def not_applicable(self, case: Case) -> str:
+        return "no RTSTRUCT: the input is not a DICOM series"
+
+    def write(self, prediction: Prediction, path: Path) -> None:
+        write_rtstruct(prediction.mask, prediction.affine, prediction.case.first_path, prediction.class_names, path)
 
 
 # --------------------------------------------------------------------------------------------
