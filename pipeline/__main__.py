@@ -15,6 +15,7 @@ COMMANDS = {
     "demo-data": ("pipeline.demo_data", "main", "write the embedded demo data sets and datalists"),
     "datalist": ("pipeline.data", "datalist_main", "build or validate an MSD-style datalist"),
     "segment": ("pipeline.segment", "main", "batch-segment a folder or datalist of volumes"),
+    "plan": ("pipeline.plan", "main", "fingerprint a dataset and write a bundle planned for it (nnU-Net-style)"),
     "dicom": ("pipeline.dicom", "main", "list the series of a DICOM export and what would be done with each"),
     "bundle": ("pipeline.manifest", "main", "pin a bundle's configs and weights (sha256), or verify them"),
 }
