@@ -829,3 +829,46 @@ def test_segment_export_to_rtstruct_and_dicom_seg_read_back(tmp_path, checkpoint
     uids = [pydicom.dcmread(f).SOPInstanceUID for f in files]
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
     assert dice(frames.transpose(2, 1, 0) > 0, mask == 1) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# --pseudonymise
+# --------------------------------------------------------------------------------------------
+
+
+def test_pseudonymised_case_ids_keep_names_out_of_outputs(tmp_path, checkpoint, capsys, monkeypatch):
+    """A patient's name as the folder name (it happens) reaches no output name, no summary.csv
+    row, no QA page and no log line; phi_map.csv (mode 600) links the id back; reruns keep it."""
+    import csv
+    import stat
+
+    monkeypatch.delenv("PIPELINE_PSEUDONYM_KEY", raising=False)
+    root = nested_export(tmp_path / "Doe_Jane_MRN0042")
+    output = tmp_path / "out"
+    args = ("--series", "axial-thinnest", "--pseudonymise", "--qa-png")
+    assert run_segment(checkpoint, root, output, *args) == 0
+    (case_id, row), = summary_rows(output).items()
+    assert case_id.startswith("case-") and len(case_id) == 17 and row["source"] == case_id
+    written = [p.relative_to(output).as_posix() for p in output.rglob("*")]
+    logs = capsys.readouterr().err
+    for text in [*written, (output / "summary.csv").read_text(), (output / "qa" / "index.html").read_text(),
+                 (output / "skipped_series.json").read_text(), logs]:
+        assert "Doe" not in text and "MRN0042" not in text
+    phi_map = output / "phi_map.csv"
+    assert stat.S_IMODE(phi_map.stat().st_mode) == 0o600
+    assert stat.S_IMODE((output / ".pseudonym.key").stat().st_mode) == 0o600
+    (linked,) = list(csv.DictReader(phi_map.open()))
+    chosen = next(e for e in dicom.scan(root) if e.series_number == 3)
+    assert (linked["case_id"], linked["patient_id"], linked["patient_name"], linked["series_uid"]) == (
+        case_id, "MRN0042", "Doe^Jane", chosen.series_uid)
+    assert "Doe_Jane_MRN0042" in linked["input"] and linked["source"].startswith("PT000000/")
+    # the same key (kept in OUT) gives the same id: the rerun finds the case done
+    assert run_segment(checkpoint, root, output, *args) == 0
+    assert {k: r["status"] for k, r in summary_rows(output).items()} == {case_id: "existing"}
+    # another key, another id: the pseudonyms cannot be recomputed from the UIDs alone
+    monkeypatch.setenv("PIPELINE_PSEUDONYM_KEY", "another secret")
+    from pipeline.segment import discover_cases
+    from pipeline.segment.cases import pseudonymise_cases
+
+    (other,) = pseudonymise_cases(discover_cases(root, series=["axial-thinnest"]), b"another secret")
+    assert other.case_id != case_id and other.case_id.startswith("case-")

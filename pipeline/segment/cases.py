@@ -25,7 +25,11 @@ __all__ = [
     "discover_cases",
     "cases_from_datalist",
     "record_skipped_series",
+    "record_discovery",
+    "pseudonymise_cases",
+    "pseudonym_key",
     "SKIPPED_SERIES",
+    "PHI_MAP",
     "shard",
 ]
 
@@ -51,6 +55,7 @@ class Case:
     is_dicom: bool = False
     series_uid: str | None = None
     notes: tuple[str, ...] = ()
+    phi: dict | None = None  # with --pseudonymise: what the id stands for (written to phi_map.csv only)
 
     @property
     def first_path(self) -> str:
@@ -210,11 +215,111 @@ def cases_from_datalist(
 
 
 SKIPPED_SERIES = "skipped_series.json"
+PHI_MAP = "phi_map.csv"
+PSEUDONYM_KEY_ENV = "PIPELINE_PSEUDONYM_KEY"
+PSEUDONYM_KEY_FILE = ".pseudonym.key"
+PHI_FIELDS = ("case_id", "source", "input", "patient_id", "patient_name", "study_date", "study_uid", "series_uid",
+              "series_number", "series_description")
 
 
-def record_skipped_series(out: Path, skipped: Sequence[dict]) -> None:
+def pseudonym_key(out: str | os.PathLike) -> tuple[bytes, bool]:
+    """``(key, new)``: the secret the pseudonyms are keyed with, so that they cannot be recomputed
+    from a guessed patient or UID. ``$PIPELINE_PSEUDONYM_KEY`` when set (the same ids across output
+    folders), else ``OUT/.pseudonym.key`` (reruns into ``OUT`` keep their ids), else a new random
+    key (``new``: :func:`record_discovery` stores it, mode 600)."""
+    import secrets
+
+    text = os.environ.get(PSEUDONYM_KEY_ENV)
+    if text:
+        return text.encode("utf-8"), False
+    stored = Path(out) / PSEUDONYM_KEY_FILE
+    if stored.is_file():
+        return bytes.fromhex(stored.read_text().strip()), False
+    return secrets.token_bytes(32), True
+
+
+def _phi_of(case: Case) -> tuple[str, dict]:
+    """(identity to hash, identifying fields) of a case: a DICOM case's Study/Series UIDs (and the
+    volume's split tag), else its source path."""
+    phi = {"source": case.source, "input": case.first_path}
+    if not case.is_dicom:
+        return "path:" + case.source, phi
+    import pydicom
+
+    from pipeline.readers import DataError, resolve_dicom_volume
+
+    try:
+        volume, _ = resolve_dicom_volume(case.first_path.rstrip("/" + os.sep))
+        header = pydicom.dcmread(volume.slices[0].path, stop_before_pixels=True)
+    except (DataError, OSError, ValueError) as err:  # fails again, with its reason, when read
+        phi["error"] = str(err)
+        return "path:" + case.source, phi
+    phi.update(
+        patient_id=str(header.get("PatientID", "")),
+        patient_name=str(header.get("PatientName", "")),
+        study_date=str(header.get("StudyDate", "")),
+        study_uid=str(header.get("StudyInstanceUID", "")),
+        series_uid=volume.series_uid,
+        series_number=str(header.get("SeriesNumber", "")),
+        series_description=str(header.get("SeriesDescription", "")),
+    )
+    split = "".join(f"&{k}={v}" for k, v in sorted(volume.split.items()))
+    return f"dicom:{phi['study_uid']}/{volume.series_uid}{split}", phi
+
+
+def pseudonymise_cases(cases: Sequence[Case], key: bytes) -> list[Case]:
+    """The same cases with ids (and sources) ``case-<12 hex>`` from a keyed hash (HMAC-SHA256) of
+    their Study/Series UIDs (a file's: its path), so that no folder or file name, which may be a
+    patient's name, reaches an output name, the summary, a QA picture or a log line. Each case keeps
+    what its id stands for in ``phi`` (:func:`record_discovery` writes ``phi_map.csv``, mode 600)."""
+    import hashlib
+    import hmac
+
+    named, seen = [], {}
+    for case in cases:
+        identity, phi = _phi_of(case)
+        case_id = "case-" + hmac.new(key, identity.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
+        seen[case_id] = seen.get(case_id, 0) + 1
+        if seen[case_id] > 1:  # one input listed twice (a datalist): keep the ids unique
+            case_id = f"{case_id}__{seen[case_id]}"
+        named.append(dataclasses.replace(case, case_id=case_id, source=case_id, phi={"case_id": case_id, **phi}))
+    return named
+
+
+def record_discovery(out: str | os.PathLike, skipped: Sequence[dict], cases: Sequence[Case], key: tuple[bytes, bool] | None = None) -> None:
+    """What discovery decided, in ``OUT``: ``skipped_series.json`` (:func:`record_skipped_series`)
+    and, for pseudonymised cases, ``phi_map.csv`` (case id -> source, patient, study, series) and a
+    new ``.pseudonym.key``, both readable by the owner only (mode 600)."""
+    record_skipped_series(out, skipped, private=key is not None)
+    rows = [case.phi for case in cases if case.phi]
+    if not rows and not (key and key[1]):
+        return
+    import csv
+    import io
+
+    from pipeline.fileio import atomic_write
+
+    def private(data: bytes):
+        def write(handle) -> None:
+            os.fchmod(handle.fileno(), 0o600)  # before a byte of it is written
+            handle.write(data)
+
+        return write
+
+    if key and key[1]:
+        atomic_write(Path(out) / PSEUDONYM_KEY_FILE, private((key[0].hex() + "\n").encode()))
+    if rows:
+        buffer = io.StringIO()
+        table = csv.DictWriter(buffer, fieldnames=list(PHI_FIELDS) + ["error"], extrasaction="ignore")
+        table.writeheader()
+        table.writerows(rows)
+        atomic_write(Path(out) / PHI_MAP, private(buffer.getvalue().encode("utf-8")))
+
+
+def record_skipped_series(out: Path, skipped: Sequence[dict], private: bool = False) -> None:
     """``OUT/skipped_series.json``: the DICOM series ``--series`` did not use, each with why (also
-    one line each on stderr). Nothing is written when nothing was skipped."""
+    one line each on stderr). Nothing is written when nothing was skipped. ``private``
+    (``--pseudonymise``): without their folders and UIDs, which may identify the patient."""
     if not skipped:
         return
     import json
@@ -222,10 +327,12 @@ def record_skipped_series(out: Path, skipped: Sequence[dict]) -> None:
 
     from pipeline.fileio import atomic_write_text
 
-    for row in skipped:
-        print(f"segment: skipped {row['source']} {row['series']}: {row['why']}", file=sys.stderr)
+    rows = [{k: v for k, v in row.items() if k not in ("source", "series_uid")} if private else dict(row) for row in skipped]
+    for row in rows:
+        where = f"{row['source']} " if "source" in row else ""
+        print(f"segment: skipped {where}{row['series']}: {row['why']}", file=sys.stderr)
     try:
-        atomic_write_text(Path(out) / SKIPPED_SERIES, json.dumps(list(skipped), indent=1) + "\n")
+        atomic_write_text(Path(out) / SKIPPED_SERIES, json.dumps(rows, indent=1) + "\n")
     except OSError as err:  # the cases' own records matter more; their writes report a full disk
         print(f"segment: {SKIPPED_SERIES} could not be written: {err}", file=sys.stderr)
 

@@ -20,7 +20,16 @@ from pipeline.readers import MAX_GB_ENV, MAX_VOXELS_ENV, DataError
 from pipeline.segment import dist
 from pipeline.segment.bundle import LoadedBundle, load_bundle, parse_override
 from pipeline.dicom import SeriesSelection
-from pipeline.segment.cases import OUTPUT_MARKER, assign_case_ids, cases_from_datalist, discover_cases, record_skipped_series, shard
+from pipeline.segment.cases import (
+    OUTPUT_MARKER,
+    assign_case_ids,
+    cases_from_datalist,
+    discover_cases,
+    pseudonym_key,
+    pseudonymise_cases,
+    record_discovery,
+    shard,
+)
 from pipeline.segment.records import RECORDS_DIR, collect_rows, write_summary
 from pipeline.segment.run import SegmentOptions, root_cause, run_segmentation
 from pipeline.segment.writers import WRITERS, writers_for
@@ -49,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DICOM inputs: which series to segment, per study (repeatable; see python -m pipeline dicom scan): "
                              "modality=CT, description~venous, orientation=axial, number=3, uid=..., axial-thinnest, all; "
                              "default: each folder's one image series")
+    parser.add_argument("--pseudonymise", action="store_true",
+                        help="case ids case-<hash> keyed from the Study/Series UIDs (a file's: its path), never from folder "
+                             "or file names; OUT/phi_map.csv (mode 600) links them back")
     parser.add_argument("--section", default="test", help="datalist section to segment (default: test)")
     parser.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="datalist paths root (default: its folder)")
     parser.add_argument("--mode", choices=("accurate", "fast"), default=None, help="UNet++ eval mode (default: the bundle's)")
@@ -201,13 +213,16 @@ def _lock_output(out: Path, wait: bool, held: contextlib.ExitStack) -> None:
 
 def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Path, rank: int, world_size: int,
          distributed: bool, held: contextlib.ExitStack) -> int:
-    cases, skipped = None, []
+    cases, skipped, key = None, [], None
     if rank == 0:  # rank 0 holds the folder's lock for the whole run and tells the others what to do
         try:
             cases = _find_cases(input_path, out, args, skipped)
+            if args.pseudonymise:
+                key = pseudonym_key(out)
+                cases = pseudonymise_cases(cases, key[0])
             if cases:
                 _lock_output(out, args.wait, held)
-                record_skipped_series(out, skipped)
+                record_discovery(out, skipped, cases, key)
         except (DataError, ValueError) as err:
             cases = str(err)
     cases = dist.broadcast(cases, distributed)
