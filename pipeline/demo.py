@@ -32,13 +32,10 @@ EPOCH_LINE = "INFO - Epoch "  # the per-epoch summary written by pipeline.handle
 
 
 def bundle_dir(name: str = BUNDLE) -> Path:
-    """The bundle folder of this checkout (``bundles/<name>`` beside the ``pipeline`` package)."""
-    folder = Path(__file__).resolve().parents[1] / "bundles" / name
-    if not (folder / "configs" / "train.json").is_file():
-        raise FileNotFoundError(
-            f"{folder}: bundle not found; the demo runs from a clone of the repository installed with `pip install -e .`"
-        )
-    return folder
+    """The template bundle folder: this checkout's ``bundles/<name>``, or the copy inside the installed package."""
+    from pipeline.plan import template_dir
+
+    return template_dir(name)
 
 
 def bundle_command(bundle: Path, configs: list[str], **overrides) -> list[str]:

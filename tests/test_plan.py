@@ -198,3 +198,20 @@ def test_plan_train_segment_without_overrides_matches_the_explicit_path(tmp_path
         np.testing.assert_array_equal(np.asarray(nib.load(mask).dataobj), np.asarray(nib.load(tmp_path / "explicit" / mask.name).dataobj))
     assert json.loads((tmp_path / "planned" / "summary.json").read_text())["cases"][0]["volumes_ml"].keys() == {"liver"}
     assert torch.jit.load(str(bundle / "models" / "model.ts")).depth == 2
+
+
+def test_the_template_bundles_ship_inside_the_package():
+    """pyproject lists every package under pipeline/ and every folder of a template bundle (as pipeline.bundles.*)."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "pipeline").rglob("__init__.py")}
+    folders = {"pipeline.bundles"} | {
+        "pipeline.bundles." + ".".join(p.relative_to(REPO / "bundles").parts)
+        for p in (REPO / "bundles").rglob("*")
+        if p.is_dir() and p.name not in ("models", "logs", "eval", "data", "__pycache__")
+    }
+    assert packages | folders == listed
+    assert config["package-dir"] == {"pipeline.bundles": "bundles"}
+    assert planning.template_dir("unetpp_3d_seg") == REPO / "bundles" / "unetpp_3d_seg"  # in a checkout
