@@ -183,7 +183,10 @@ def test_plan_train_segment_without_overrides_matches_the_explicit_path(tmp_path
         k: settings[k] for k in ("preset", "intensity", "pixdim", "roi_size", "features")
     }
     assert trained["labels"] == {"0": "background", "1": "liver"}
-    bundle_run("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    from test_bundle import model_zoo_ci  # the model zoo's CI steps, with their defaults
+
+    checked = model_zoo_ci(bundle)
+    assert checked.returncode == 0, checked.stdout[-5000:]
     bundle_run("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
                "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")  # fmt: skip
 
