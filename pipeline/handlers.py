@@ -17,8 +17,9 @@ MONAI-style handler (``attach(engine)``):
 * :class:`ProgressBar`, :func:`handlers_for_rank` -- a tqdm bar, and dropping output-only
   handlers on DDP ranks other than 0.
 
-And two helpers the configs call: :func:`bundle_root` (the bundle folder of the config being
-run) and :func:`final_head` (the final head of a deep-supervision output, for train metrics).
+And a helper the configs call: :func:`final_head` (the final head of a deep-supervision output,
+for train metrics). :func:`bundle_root` is no longer used by the bundles (their ``bundle_root`` is
+``"."``, as in the model zoo) and goes once its test does.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ __all__ = [
 
 
 def bundle_root(default: str | os.PathLike = ".") -> str:
-    """Absolute path of the bundle whose config is being parsed.
+    """Absolute path of the bundle whose config is being parsed (deprecated: the bundles use ``"."``).
 
     MONAI's ``ConfigWorkflow`` (behind ``python -m monai.bundle run``) knows the folder of the first
     config file; the bundle is its parent when that folder is ``configs/``, as MONAI itself assumes
