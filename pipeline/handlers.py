@@ -18,14 +18,12 @@ MONAI-style handler (``attach(engine)``):
   handlers on DDP ranks other than 0.
 
 And a helper the configs call: :func:`final_head` (the final head of a deep-supervision output,
-for train metrics). :func:`bundle_root` is no longer used by the bundles (their ``bundle_root`` is
-``"."``, as in the model zoo) and goes once its test does.
+for train metrics).
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import math
 import os
@@ -43,7 +41,6 @@ from pipeline.checkpoints import CheckpointMismatchError, check_fit, load_checkp
 from pipeline.fileio import atomic_torch_save, atomic_write, atomic_write_text, remove_stale_tmp
 
 __all__ = [
-    "bundle_root",
     "rank",
     "final_head",
     "BestModelSaver",
@@ -54,31 +51,6 @@ __all__ = [
     "ProgressBar",
     "handlers_for_rank",
 ]
-
-
-def bundle_root(default: str | os.PathLike = ".") -> str:
-    """Absolute path of the bundle whose config is being parsed (deprecated: the bundles use ``"."``).
-
-    MONAI's ``ConfigWorkflow`` (behind ``python -m monai.bundle run``) knows the folder of the first
-    config file; the bundle is its parent when that folder is ``configs/``, as MONAI itself assumes
-    when it puts the bundle on ``sys.path``. It is found on the call stack, so the same config works
-    whatever the current directory. Outside a ``ConfigWorkflow`` (a bare ``ConfigParser``, e.g. batch
-    segmentation or ``ckpt_export``) this returns ``default``; set ``bundle_root`` explicitly there, as
-    with any model-zoo bundle (``parser["bundle_root"] = path`` or ``--bundle_root path``).
-    """
-    from monai.bundle import ConfigWorkflow
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, ConfigWorkflow) and getattr(owner, "config_root_path", None) is not None:
-                configs = Path(owner.config_root_path).resolve()
-                return str(configs.parent if configs.name == "configs" else configs)
-            frame = frame.f_back
-    finally:
-        del frame
-    return str(Path(default).resolve())
 
 
 def rank() -> int:

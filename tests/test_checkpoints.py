@@ -111,5 +111,5 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     atomic_torch_save({"weights": torch.ones(1000)}, tmp_path / "latest.pt")
     data = (tmp_path / "latest.pt").read_bytes()
     (tmp_path / "latest.pt").write_bytes(data[: len(data) // 2])  # what a non-atomic save killed midway leaves
-    with pytest.raises(CheckpointMismatchError, match="latest.pt: unreadable checkpoint"):
+    with pytest.raises(CheckpointMismatchError, match="latest.pt: not a readable PyTorch checkpoint"):
         load_checkpoint(tmp_path / "latest.pt")

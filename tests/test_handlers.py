@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, MeanDice, ValidationHandler, from_engine
@@ -21,7 +20,6 @@ from pipeline.handlers import (
     ResumableCheckpoint,
     ResumableEarlyStop,
     TrainingCurves,
-    bundle_root,
     final_head,
     handlers_for_rank,
 )
@@ -203,12 +201,3 @@ def test_final_head_picks_the_deepest_head():
     assert final_head(heads) is heads[0]
     single = torch.rand(1, 1, 4, 4)
     assert final_head(single) is single
-
-
-def test_bundle_root_is_the_bundle_of_the_config_being_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # anywhere
-    config = os.path.join(REPO, "bundles", "unetpp_3d_seg", "configs", "inference.json")
-    workflow = ConfigWorkflow(config_file=config, workflow_type="infer", logging_file=False)
-    workflow.initialize()
-    assert workflow.bundle_root == os.path.join(REPO, "bundles", "unetpp_3d_seg")
-    assert bundle_root(default=tmp_path) == str(tmp_path)  # outside a ConfigWorkflow
