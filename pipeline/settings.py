@@ -57,6 +57,9 @@ __all__ = [
     "require_datalist",
     "inference_inputs",
     "check_inputs",
+    "SERVING_KEYS",
+    "record_serving",
+    "serving_overrides",
 ]
 
 PLAN_FILE = os.path.join("configs", "plan.json")  # under bundle_root
@@ -215,3 +218,40 @@ def check_inputs(dataset: Sized, datalist: str | os.PathLike, dataset_dir: str |
             "or --datalist FILE (its --infer_section, default 'test')"
         )
     return len(dataset)
+
+
+# How to serve the trained weights, chosen after training by ``python -m pipeline prune`` and kept
+# in SETTINGS_FILE beside the model's settings (not model settings: never compared on load).
+# ``mode``/``prune_level``/``head_weights`` are UNet++ eval-mode arguments; ``precision`` the
+# autocast dtype that passed the bf16-against-fp32 agreement check (else "fp32").
+SERVING_KEYS = ("mode", "prune_level", "head_weights", "precision")
+
+
+def record_serving(ckpt_dir: str | os.PathLike, values: Mapping[str, Any]) -> Path:
+    """Write the serving decision ``values`` (ids of :data:`SERVING_KEYS`) into ``<ckpt_dir>/settings.json``.
+
+    The earlier decision's ids are replaced as a whole (a new choice of fast mode drops old
+    ``head_weights``); every other id is kept. Retraining rewrites the file and so drops them.
+    """
+    unknown = sorted(set(values) - set(SERVING_KEYS))
+    if unknown:
+        raise ValueError(f"not serving settings: {unknown} (known: {list(SERVING_KEYS)})")
+    path = Path(ckpt_dir) / SETTINGS_FILE
+    content = read_json(path) if path.is_file() else {}
+    content = {k: v for k, v in content.items() if k not in SERVING_KEYS}
+    content.update(_plain(dict(values)))
+    atomic_write_text(path, dumps(content) + "\n")
+    return path
+
+
+def serving_overrides(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Config overrides (``network_def#mode``, ...) for the serving decision kept in ``settings``."""
+    settings = settings or {}
+    overrides = {}
+    if settings.get("mode") in ("accurate", "fast"):
+        overrides["network_def#mode"] = settings["mode"]
+        if settings["mode"] == "fast" and settings.get("prune_level") is not None:
+            overrides["network_def#prune_level"] = int(settings["prune_level"])
+        if settings["mode"] == "accurate" and settings.get("head_weights"):
+            overrides["network_def#head_weights"] = [float(w) for w in settings["head_weights"]]
+    return overrides

@@ -63,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "or file names; OUT/phi_map.csv (mode 600) links them back")
     parser.add_argument("--section", default="test", help="datalist section to segment (default: test)")
     parser.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="datalist paths root (default: its folder)")
-    parser.add_argument("--mode", choices=("accurate", "fast"), default=None, help="UNet++ eval mode (default: the bundle's)")
+    parser.add_argument("--mode", choices=("accurate", "fast"), default=None,
+                        help="UNet++ eval mode (default: the one `prune` recorded in models/settings.json, else the bundle's)")
     parser.add_argument("--prune-level", type=int, default=None, help="fast mode: compute nodes X(i,j) with i+j <= K only")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the bundle's; under torchrun cuda means cuda:LOCAL_RANK)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype for the network (fp16: CUDA only)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="autocast dtype for the network (fp16: CUDA only); default: the one `prune` recorded in "
+                             "models/settings.json where the device computes it natively, else fp32")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the probabilities of every mirrored input (3D: 8x the network time)")
     formats = "; ".join(f"{name}: {cls.help}" for name, cls in WRITERS.items())
@@ -124,6 +127,32 @@ def _overrides(args) -> dict:
     return overrides
 
 
+def _served_defaults(args, overrides: dict) -> dict:
+    """The serving decision ``prune`` recorded beside the weights (mode, level, head weights) as overrides,
+    unless the command line chose the mode itself."""
+    from pipeline.settings import serving_overrides, trained_settings
+
+    if args.mode is not None or any(key.startswith("network_def#") and key.split("#")[1] in ("mode", "prune_level", "head_weights")
+                                    for key in overrides):
+        return overrides
+    weights = args.checkpoint or os.path.join(args.bundle, "models", "model.pt")
+    return {**serving_overrides(trained_settings(weights)), **overrides}
+
+
+def _default_precision(args, bundle: LoadedBundle) -> str:
+    """``--precision``, else the one recorded in the weights' settings where the device computes it natively, else fp32."""
+    from pipeline.segment.run import native_bf16
+    from pipeline.settings import trained_settings
+
+    if args.precision is not None:
+        return args.precision
+    recorded = (trained_settings(bundle.checkpoint) or {}).get("precision", "fp32")
+    if recorded == "bf16" and not native_bf16(bundle.device):
+        print(f"segment: models/settings.json says bf16, but {bundle.device} has no native bfloat16: using fp32", file=sys.stderr)
+        return "fp32"
+    return recorded if recorded in PRECISIONS else "fp32"
+
+
 def _device(name: str | None, world_size: int, local_rank: int) -> str | None:
     """``--device`` checked; under torchrun a bare ``cuda`` becomes this rank's GPU. ValueError if unusable."""
     if name is None:
@@ -155,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     rank, world_size, local_rank = dist.dist_env()
     try:
-        overrides = _overrides(args)
+        overrides = _served_defaults(args, _overrides(args))
         SeriesSelection.parse(args.series)  # a bad --series rule is a usage error before anything loads
         if args.workers < 0:
             raise ValueError("--workers must be >= 0")
@@ -187,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, args.config, overrides, checkpoint=args.checkpoint, device=device, force=args.force)
     except Exception as err:  # noqa: BLE001 - any setup problem is one clear line
         return _usage_error(f"cannot load bundle {args.bundle}: {root_cause(err)}")
+    args.precision = _default_precision(args, bundle)
     try:
         check_precision(args.precision, bundle.device)
         distributed = dist.init_dist(world_size)
