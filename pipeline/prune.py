@@ -476,7 +476,9 @@ def export_pruned(bundle: Path, destination: Path, network, level: int, settings
     settings["depth"] = level
     settings["features"] = [int(f) for f in network.features[: level + 1]]
     settings["pruned_from"] = {"depth": int(network.depth), "features": [int(f) for f in network.features], "level": level}
-    atomic_write_text(models / "settings.json", json.dumps(settings, indent=2) + "\n")
+    from pipeline.bundle_sync import dumps
+
+    atomic_write_text(models / "settings.json", dumps(settings) + "\n")
     return destination
 
 
@@ -605,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if choice["option"] == "accurate" and choice.get("head_weights_fitted"):
             decision["head_weights"] = choice["head_weights"]
         # serving precision: bf16 only where native and the masks agree with fp32
-        precision, note = "fp32", ""
+        precision, note = "fp32", "asked for with --precision fp32"
         if args.precision == "bf16":
             precision, note = "bf16", "asked for with --precision bf16 (measured in bf16)"
         elif args.precision == "auto":
