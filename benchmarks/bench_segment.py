@@ -29,6 +29,13 @@ Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIf
 * ``bf16``: the same batch with ``--precision bf16``: pure-network and batch speed ratios
   (fp32 time / bf16 time; above 1 = bf16 faster) and the Dice agreement of each case's bf16 mask
   with its fp32 mask. Target: Dice >= 0.99.
+* ``levels``: the same batch, fp32, through the command once per UNet++ option: fast mode
+  ``--prune-level`` 1..depth beside ``--mode accurate``, in one run: seconds per volume of the
+  network inside the batch and of the batch's wall time, each level's share of L_depth's, its
+  FLOP share (one window, ``torch.utils.flop_counter``) and the ratio of the two (issue 13's
+  target: at most 1.2 end to end), and each level's mask Dice against the truth.
+  ``--skip-levels`` leaves it out.
+* ``memory_ct`` is measured in fp32 and, with ``--memory-bf16``, in bf16 too (``memory_ct_bf16``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from pipeline import segment  # noqa: E402
 from pipeline.inferers import AutocastInferer  # noqa: E402
 from pipeline.losses import BCEDiceLoss, DeepSupervisionLoss  # noqa: E402
 from pipeline.nets import UNetPlusPlus  # noqa: E402
+from pipeline.segment.run import apply_thread_count, available_cores, native_bf16  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "unetpp_3d_seg"
 FULL = {"features": [16, 32, 64, 128], "depth": 3, "roi": [96, 96, 96], "shape": [192, 192, 96], "ct_shape": [512, 512, 200], "train_steps": 40, "patch": 32}
@@ -205,14 +213,16 @@ def ct_volume(shape, path: Path) -> None:
     nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
 
 
-def memory_ct(size: dict, checkpoint: Path, work: Path) -> dict:
+def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32") -> dict:
     folder = work / "ct"
-    folder.mkdir()
-    ct_volume(tuple(size["ct_shape"]), folder / "ct.nii.gz")
+    if not (folder / "ct.nii.gz").is_file():
+        folder.mkdir(exist_ok=True)
+        ct_volume(tuple(size["ct_shape"]), folder / "ct.nii.gz")
+    out = work / f"ct_out_{precision}"
     command = [sys.executable, "-m", "pipeline", "segment", "--bundle", str(BUNDLE), "--checkpoint", str(checkpoint),
-               *overrides(size), "--input", str(folder), "--output", str(work / "ct_out"), "--quiet", "--precision", "fp32", "--device", "cpu"]
+               *overrides(size), "--input", str(folder), "--output", str(out), "--quiet", "--precision", precision, "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = work / "ct_stderr.txt"
+    log = work / f"ct_stderr_{precision}.txt"
     start = time.perf_counter()
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -239,11 +249,11 @@ def memory_ct(size: dict, checkpoint: Path, work: Path) -> dict:
     max_rss = usage.ru_maxrss * 1024  # kB on Linux
     if process.returncode != 0:
         raise SystemExit(f"CT memory run failed ({process.returncode}):\n{log.read_text()[-2000:]}")
-    row = json.loads((work / "ct_out" / "summary.json").read_text())["cases"][0]
+    row = json.loads((out / "summary.json").read_text())["cases"][0]
     return {
         "shape": size["ct_shape"],
         "dtype": "int16 on disk, float32 in the pipeline",
-        "precision": "fp32",
+        "precision": precision,
         "peak_pss_gb_process_tree": round(peak[0] / 1e9, 3),
         "peak_rss_gb_largest_process": round(max_rss / 1e9, 3),
         "command_wall_s": round(wall, 1),
@@ -263,6 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="segment --workers")
     parser.add_argument("--skip-memory", action="store_true", help="skip the CT-volume memory run")
     parser.add_argument("--memory-only", action="store_true", help="only the CT-volume memory run")
+    parser.add_argument("--skip-levels", action="store_true", help="skip the per-level (L1..L_depth, accurate) batches")
+    parser.add_argument("--memory-bf16", action="store_true", help="also measure the CT-volume memory run in bf16")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -271,7 +283,8 @@ def main(argv=None) -> int:
     if args.ct_shape:
         size["ct_shape"] = args.ct_shape
     report: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "available_cores": available_cores(),
+                    "torch_threads": apply_thread_count(), "native_bf16": native_bf16("cpu"),
                     "torch": torch.__version__, "load_average_start": [round(v, 2) for v in os.getloadavg()]},
         "network": {"bundle": "unetpp_3d_seg", "features": size["features"], "depth": size["depth"], "roi_size": size["roi"],
                     "sw_batch_size": 1, "overlap": 0.25},
@@ -290,6 +303,8 @@ def main(argv=None) -> int:
 
         if args.memory_only:
             report["memory_ct"] = memory_ct(size, checkpoint, work)
+            if args.memory_bf16:
+                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16")
             return finish(report, args)
         bundle = segment.load_bundle(BUNDLE, overrides=override_dict(size), checkpoint=str(checkpoint), device="cpu")
         cases = segment.discover_cases(data)
@@ -332,10 +347,63 @@ def main(argv=None) -> int:
             "target_dice": 0.99,
             "meets_target": min(dices) >= 0.99,
         }
+        if not args.skip_levels:
+            report["levels"] = levels(size, common, cases, truth, bundle, work)
         del images, bundle
         if not args.skip_memory:
             report["memory_ct"] = memory_ct(size, checkpoint, work)
+            if args.memory_bf16:
+                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16")
     return finish(report, args)
+
+
+def window_flops(network, roi: list[int]) -> dict[str, int]:
+    """FLOPs of one window for every option: fast mode L1..L_depth and accurate mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    depth, flops = network.depth, {}
+    mode, level = network.mode, network.prune_level
+    x = torch.zeros(1, network.in_channels, *roi)
+    try:
+        for option in [f"L{k}" for k in range(1, depth + 1)] + ["accurate"]:
+            network.mode, network.prune_level = ("accurate", depth) if option == "accurate" else ("fast", int(option[1:]))
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                network(x)
+            flops[option] = int(counter.get_total_flops())
+    finally:
+        network.mode, network.prune_level = mode, level
+    return flops
+
+
+def levels(size: dict, common: list[str], cases: list, truth: dict, bundle, work: Path) -> dict:
+    """The batch through the command once per option (fp32): seconds per volume beside FLOP shares."""
+    depth = size["depth"]
+    flops = window_flops(bundle.network, size["roi"])
+    rows = {}
+    for option in [f"L{k}" for k in range(1, depth + 1)] + ["accurate"]:
+        mode = ["--mode", "accurate"] if option == "accurate" else ["--mode", "fast", "--prune-level", option[1:]]
+        out = work / f"out_level_{option}"
+        command_wall, summary = run_command(common + ["--output", str(out), "--precision", "fp32", *mode])
+        batch = summary["batch"]
+        quality = [dice(np.asarray(nib.load(str(out / f"{case.case_id}_seg.nii.gz")).dataobj) > 0, truth[case.case_id] > 0)
+                   for case in cases]
+        rows[option] = {
+            "network_s_per_volume": round(batch["network_s"] / len(cases), 4),
+            "batch_wall_s_per_volume": round(batch["wall_s"] / len(cases), 4),
+            "command_wall_s": round(command_wall, 3),
+            "window_gflops": round(flops[option] / 1e9, 3),
+            "dice_vs_truth": round(float(np.mean(quality)), 4),
+        }
+    deepest = rows[f"L{depth}"]
+    for option, row in rows.items():
+        row["flop_share"] = round(flops[option] / flops[f"L{depth}"], 4)
+        row["network_share"] = round(row["network_s_per_volume"] / deepest["network_s_per_volume"], 4)
+        row["batch_share"] = round(row["batch_wall_s_per_volume"] / deepest["batch_wall_s_per_volume"], 4)
+        row["batch_share_over_flop_share"] = round(row["batch_share"] / row["flop_share"], 3)
+    fast = [row for option, row in rows.items() if option != "accurate"]
+    return {"precision": "fp32", "volumes": len(cases), "rows": rows, "target_share_over_flop_share": 1.2,
+            "meets_target": all(row["batch_share_over_flop_share"] <= 1.2 for row in fast)}
 
 
 def finish(report: dict, args) -> int:

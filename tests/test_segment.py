@@ -439,6 +439,10 @@ def test_benchmark_quick_run_prints_its_measurements_as_json(tmp_path):
     assert 0 < report["pipeline"]["network_share_of_batch"] <= 1
     assert len(report["bf16"]["dice_bf16_vs_fp32"]) == 4 and report["bf16"]["network_speedup_fp32_over_bf16"] > 0
     assert report["memory_ct"]["peak_pss_gb_process_tree"] > 0 and report["memory_ct"]["peak_rss_gb_largest_process"] > 0
+    levels = report["levels"]["rows"]  # seconds per volume per level beside accurate mode, in one run
+    assert list(levels) == ["L1", "L2", "accurate"]
+    assert all(row["network_s_per_volume"] > 0 and 0 < row["flop_share"] for row in levels.values())
+    assert levels["L1"]["flop_share"] < levels["L2"]["flop_share"] == 1.0
 
 
 # --------------------------------------------------------------------------------------------
