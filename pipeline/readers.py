@@ -32,6 +32,7 @@ indexed ``(i, j, k[, c])`` i.e. x fastest in the file, and the affine maps
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -345,6 +346,24 @@ def _pixel_data_problem(path: Path, header: Any, pixel_tag_at: int) -> str | Non
     return None
 
 
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom's value-validation warnings (an invalid UID, a DS with letters) off: a damaged header
+    is reported by us, once, naming the file; the raw value may not even be printable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+        yield
+
+
+def _has_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _check_dicom_file(path: Path) -> None:
     """A single DICOM file given as an image: its native PixelData must hold what its header
     claims (a header claiming 65535 frames over 32 KB of pixels is refused before reading)."""
@@ -362,6 +381,11 @@ def _dicom_headers(folder: Path, damaged: dict[str, str] | None = None, only: Pa
     With ``damaged`` (a dict) such files are collected there (path -> problem) instead, so that
     an inventory can go on and name them.
     """
+    with _quiet_pydicom():
+        return _read_headers(folder, damaged, only)
+
+
+def _read_headers(folder: Path, damaged: dict[str, str] | None, only: Path | None) -> list[tuple[str, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -374,9 +398,20 @@ def _dicom_headers(folder: Path, damaged: dict[str, str] | None = None, only: Pa
                 # defer_size: a corrupt element length (say 0xFFFFFFF0) is skipped, not allocated
                 header = pydicom.dcmread(handle, stop_before_pixels=True, defer_size="1 MB")
                 pixel_tag_at = handle.tell()
-        except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, TypeError, AttributeError, NotImplementedError):
+            has_series = "SeriesInstanceUID" in header and bool(str(header.SeriesInstanceUID))
+        except InvalidDicomError:
             continue  # not DICOM (a README, a thumbnail...): series folders often hold such files
-        if only is not None or "SeriesInstanceUID" in header:
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types on a damaged header
+            if not is_dicom_file(path) or path.name.lower().endswith(DICOM_SUFFIXES) and not _has_preamble(path):
+                continue  # not a DICOM file to begin with
+            # It says it is DICOM (the preamble): a damaged header, not a foreign file. Skipping it
+            # would silently drop a slice, so it stops its folder, named.
+            problem = f"unreadable DICOM header ({type(err).__name__}: {_first_line(err)})"
+            if damaged is None:
+                raise DataError(f"{path}: {problem}") from err
+            damaged[str(path)] = problem
+            continue
+        if only is not None or has_series:
             try:
                 problem = _pixel_data_problem(path, header, pixel_tag_at)
             except _HEADER_ERRORS as err:
@@ -819,6 +854,11 @@ def dicom_series_in_folder(folder: str | os.PathLike, damaged: dict[str, str] | 
     """Every series directly in ``folder`` (grouped by ``SeriesInstanceUID``, files sorted by name),
     with what it is. A series counts as an image when any of its objects is one (a CT series
     whose first file is a localizer is still rare; its kind comes from its image objects)."""
+    with _quiet_pydicom():
+        return _series_groups(folder, damaged)
+
+
+def _series_groups(folder: str | os.PathLike, damaged: dict[str, str] | None) -> list[DicomSeriesGroup]:
     series: dict[str, list[tuple[str, Any]]] = {}
     for path, header in _dicom_headers(Path(folder), damaged):
         series.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
@@ -844,7 +884,8 @@ _HEADER_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, O
 def plan_series(group: DicomSeriesGroup, tolerance: float = 1e-2) -> tuple[str | None, list[DicomVolume]]:
     """:func:`plan_dicom_volumes` for one series group; a damaged header is a DataError naming the folder."""
     try:
-        return plan_dicom_volumes(group.series_uid, group.slices(), group.folder, tolerance)
+        with _quiet_pydicom():
+            return plan_dicom_volumes(group.series_uid, group.slices(), group.folder, tolerance)
     except DataError:
         raise
     except _HEADER_ERRORS as err:

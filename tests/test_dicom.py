@@ -872,3 +872,17 @@ def test_pseudonymised_case_ids_keep_names_out_of_outputs(tmp_path, checkpoint, 
 
     (other,) = pseudonymise_cases(discover_cases(root, series=["axial-thinnest"]), b"another secret")
     assert other.case_id != case_id and other.case_id.startswith("case-")
+
+
+def test_a_slice_whose_header_is_damaged_stops_its_series_naming_it(tmp_path):
+    """A file with the DICOM preamble whose header does not parse is damaged, not foreign: skipping
+    it would silently drop a slice (then interpolated as a 'missing slice')."""
+    study = Study(tmp_path / "ct")
+    paths = study.series(body_volume(6), number=2)
+    content = bytearray(paths[2].read_bytes())
+    content[132:140] = b"\x02\x00\x00\x00ZZ\xff\xff"  # the first element's VR and length destroyed
+    paths[2].write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"IM0003: unreadable DICOM header"):
+        read_volume(study.folder)
+    (entry,) = dicom.scan(study.folder)
+    assert entry.action == "refuse" and "IM0003" in entry.why
