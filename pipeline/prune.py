@@ -152,7 +152,11 @@ def _parse_bundle(args) -> tuple[Any, dict]:
         overrides["datalist"] = str(Path(args.datalist).absolute())
     if args.device:
         overrides["device"] = f"$torch.device({str(args.device)!r})"
-    overrides.update(dict(parse_override(text) for text in args.override))
+    user = dict(parse_override(text) for text in args.override)
+    for key in user:
+        if ReferenceResolver.normalize_id(key).split(ReferenceResolver.sep)[0] not in parser:
+            raise KeyError(f"override {key!r}: the bundle configs have no id {key.split('#')[0]!r} (a typo?)")
+    overrides.update(user)
     for key, value in overrides.items():
         if ReferenceResolver.normalize_id(key).split(ReferenceResolver.sep)[0] in parser or key in ("eval_section",):
             parser[key] = value
@@ -272,7 +276,7 @@ def _simplex_grid(heads: int, steps: int) -> list[tuple[float, ...]]:
 
 def _grid_dice(logits: list[torch.Tensor], label: torch.Tensor, weights, out_channels: int) -> float:
     """Mean foreground Dice of the weighted logits on the preprocessed grid (the fitting score)."""
-    combined = sum(w * l for w, l in zip(weights, logits))
+    combined = sum(w * l.float() for w, l in zip(weights, logits))
     if out_channels == 1:
         pred, truth = combined[0] > 0, label[0] > 0.5
         pairs = [(pred, truth)]
@@ -536,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             peaks.append(peak)
             option_masks.append(mask)
             if option != "accurate":
-                per_level_logits[index].append(logits[0])
+                per_level_logits[index].append(logits[0].half())  # kept for the head-weight fit: half the memory
             if option == f"L{depth}":
                 deepest_logits[index] = logits
         masks[option] = option_masks
@@ -565,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_case = []
         for index, case in enumerate(evaluation.cases):
             logits = deepest_logits[index].clone()  # keeps the meta data the inversion needs
-            logits.copy_(sum(w * l for w, l in zip(weights, per_level_logits[index]))[None])
+            logits.copy_(sum(w * l.float() for w, l in zip(weights, per_level_logits[index]))[None])
             metrics, _ = evaluation.score(case, logits)
             per_case.append(metrics)
         fitted_dice = float(np.mean(_summarise(per_case, "dice")))
