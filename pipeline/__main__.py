@@ -18,6 +18,7 @@ COMMANDS = {
     "plan": ("pipeline.plan", "main", "fingerprint a dataset and write a bundle planned for it (nnU-Net-style)"),
     "dicom": ("pipeline.dicom", "main", "list the series of a DICOM export and what would be done with each"),
     "prune": ("pipeline.prune", "main", "measure UNet++ L1..L_depth on validation cases, pick and record the cheapest that keeps accuracy"),
+    "postprocess": ("pipeline.postprocess", "main", "choose per-class component rules on validation cases, keep them with the weights"),
     "bundle": ("pipeline.manifest", "main", "pin a bundle's configs and weights (sha256), or verify them"),
 }
 

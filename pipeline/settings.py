@@ -54,6 +54,8 @@ __all__ = [
     "check_settings",
     "datalist_labels",
     "SettingsWriter",
+    "save_postprocessing",
+    "postprocessing_rules",
     "require_datalist",
     "inference_inputs",
     "check_inputs",
@@ -65,6 +67,8 @@ __all__ = [
 PLAN_FILE = os.path.join("configs", "plan.json")  # under bundle_root
 SETTINGS_FILE = "settings.json"  # beside the weights, in ckpt_dir
 LABELS = "labels"  # the datalist's class names, kept in SETTINGS_FILE (not a setting to compare)
+POSTPROCESSING = "postprocessing"  # component rules chosen on validation (pipeline.postprocess), kept in SETTINGS_FILE
+NOT_COMPARED = (LABELS, POSTPROCESSING)
 
 
 class SettingsMismatchError(ValueError):
@@ -98,7 +102,7 @@ def differences(current: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[st
     return {
         key: (saved[key], current[key])
         for key in current
-        if key in saved and key != LABELS and _plain(saved[key]) != _plain(current[key])
+        if key in saved and key not in NOT_COMPARED and _plain(saved[key]) != _plain(current[key])
     }
 
 
@@ -176,6 +180,26 @@ class SettingsWriter:
             content = dict(self.settings, **({LABELS: self.labels} if self.labels else {}))
             atomic_write_text(self.path, dumps(content) + "\n")
             engine.logger.info(f"Model settings written to {self.path}")
+
+
+def save_postprocessing(ckpt_dir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Keep the post-processing chosen for the weights in ``ckpt_dir`` in their ``settings.json``.
+
+    ``record`` is what :func:`pipeline.postprocess.choose_rules` returns: ``{"classes": {value:
+    rule}, ...}`` plus how it was chosen. Training writes ``settings.json`` afresh when it starts,
+    so rules chosen for older weights never outlive them.
+    """
+    path = Path(ckpt_dir) / SETTINGS_FILE
+    content = read_json(path) if path.is_file() else {}
+    content[POSTPROCESSING] = _plain(dict(record))
+    atomic_write_text(path, dumps(content) + "\n")
+    return path
+
+
+def postprocessing_rules(saved: Mapping[str, Any] | None) -> dict | None:
+    """The per-class component rules in loaded settings (``None`` when none were chosen)."""
+    record = (saved or {}).get(POSTPROCESSING) or {}
+    return dict(record.get("classes") or {}) or None
 
 
 _POINT_AT_DATA = (

@@ -109,6 +109,7 @@ __all__ = [
     "EnsureVolumed",
     "MatchInputDimsd",
     "KeepLargestComponentd",
+    "ComponentRulesd",
     "BodyMask",
     "BodyMaskd",
     "NormalizeBodyd",
@@ -239,6 +240,57 @@ class KeepLargestComponentd(MapTransform):
                         out[channel][selected & (components != sizes.argmax())] = 0
             d[key] = convert_to_dst_type(out, d[key])[0]
         return d
+
+
+class ComponentRulesd(MapTransform):
+    """Per class value: keep the largest connected component, and/or drop components below a volume.
+
+    For one-channel masks of class values ``(1, *spatial)`` (what :func:`postprocessing`
+    discretises to). ``rules`` maps a class value to ``{"largest_component": bool,
+    "min_size_mm3": float}`` (as ``python -m pipeline postprocess`` chooses them on validation
+    cases and keeps them in ``models/settings.json``); keys may be strings (JSON). Volumes are in
+    mm^3 from the mask's ``pixdim`` (its affine), so a rule chosen on one grid holds on another;
+    without spacing metadata a voxel counts as 1 mm^3. Removed voxels become background (0).
+    Full connectivity (26 neighbours in 3D), as :class:`KeepLargestComponentd`.
+    """
+
+    def __init__(self, keys, rules: Mapping | None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.rules = {int(value): dict(rule) for value, rule in (rules or {}).items()}
+
+    def __call__(self, data):
+        d = dict(data)
+        if not self.rules:
+            return d
+        for key in self.key_iterator(d):
+            pixdim = getattr(d[key], "pixdim", None)
+            mask = torch.as_tensor(d[key]).detach().cpu().numpy()
+            spatial = mask.ndim - 1
+            voxel_mm3 = float(np.prod(np.asarray(pixdim, dtype=float)[:spatial])) if pixdim is not None else 1.0
+            out = mask.copy()
+            for channel in range(mask.shape[0]):
+                for value, rule in self.rules.items():
+                    keep = apply_component_rule(mask[channel] == value, voxel_mm3, **rule)
+                    out[channel][(mask[channel] == value) & ~keep] = 0
+            d[key] = convert_to_dst_type(out, d[key])[0]
+        return d
+
+
+def apply_component_rule(selected: np.ndarray, voxel_mm3: float = 1.0, largest_component: bool = False, min_size_mm3: float = 0.0) -> np.ndarray:
+    """The voxels of boolean ``selected`` that a component rule keeps (see :class:`ComponentRulesd`)."""
+    if not (largest_component or min_size_mm3):
+        return selected
+    components, count = ndimage.label(selected, structure=np.ones((3,) * selected.ndim))
+    if count == 0:
+        return selected
+    sizes = np.bincount(components.ravel()).astype(float) * voxel_mm3
+    sizes[0] = 0
+    kept = sizes >= float(min_size_mm3 or 0.0)
+    if largest_component:
+        kept[:] = False
+        kept[int(sizes.argmax())] = True
+    kept[0] = False
+    return kept[components]
 
 
 def above_minimum(x: torch.Tensor) -> torch.Tensor:
@@ -930,14 +982,18 @@ def postprocessing(
     largest_component: bool = False,
     keys: Sequence[str] = ("pred",),
     invert: bool = True,
+    components: Mapping | None = None,
 ) -> Compose:
-    """Logits -> probabilities -> [input grid] -> discrete mask -> [largest component] -> [``<name>_seg.nii.gz``].
+    """Logits -> probabilities -> [input grid] -> discrete mask -> [component rules] -> [``<name>_seg.nii.gz``].
 
     ``out_channels == 1``: sigmoid, threshold 0.5; otherwise softmax, argmax (one channel of
     class indices). With ``invert``, ``Invertd`` undoes ``preprocessing`` (crop, spacing,
     orientation) on the *probabilities*, with the image's (linear) interpolation, and only
     then are they discretised (nnU-Net does the same): boundaries are placed at 0.5 on the
-    input grid instead of being blocks of the working grid. Outside the body crop the
+    input grid instead of being blocks of the working grid. ``components``: per-class rules
+    for connected components (:class:`ComponentRulesd`; the bundles pass the ones
+    ``python -m pipeline postprocess`` chose on validation cases and kept with the weights);
+    ``largest_component`` keeps the largest component of every class. Outside the body crop the
     probabilities are padded with 0, i.e. background. The mask has the input's exact shape
     and affine; saved masks are uint8.
 
@@ -960,6 +1016,8 @@ def postprocessing(
     chain.append(discrete)
     if largest_component:
         chain.append(KeepLargestComponentd(keys, labels))
+    if components:
+        chain.append(ComponentRulesd(keys, components))
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         chain.append(

@@ -485,3 +485,29 @@ def test_training_refuses_to_continue_a_run_under_other_settings(tmp_path):
     SettingsWriter(models / "settings.json", first, resume=False)(Engine(lambda e, b: None))  # --resume False
     assert json.loads((models / "settings.json").read_text()) == first
     SettingsWriter(models / "settings.json", dict(first, preset="mri"), force=True)(Engine(lambda e, b: None))
+
+
+# --------------------------------------------------------------------------------------------
+# test-time augmentation: the `tta` option (default false) of evaluate and inference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("configs,key", [(["train.json", "evaluate.json"], "validate#evaluator"), (["inference.json"], "evaluator")])
+def test_tta_option_wraps_the_inferer_in_mirroring_with_the_right_activation(name, configs, key):
+    for tta, out_channels, activation in ((False, 1, None), (True, 1, "sigmoid"), (True, 3, "softmax")):
+        parser = ConfigParser()
+        parser.read_config([bundle_path(name, "configs", c) for c in configs])
+        parser.update({"tta": tta, "out_channels": out_channels})
+        inferer = parser.get_parsed_content(f"{key}#inferer")
+        assert type(inferer).__name__ == "AutocastInferer"
+        window = parser.get_parsed_content("validate#inferer" if "evaluate.json" in configs else "inferer")
+        if activation is None:
+            assert inferer.inferer is window
+        else:
+            assert type(inferer.inferer).__name__ == "MirrorTTAInferer" and inferer.inferer.activation == activation
+            assert inferer.inferer.inferer is window
+    # training's own validation never mirrors (tta is an evaluate/inference option)
+    parser = ConfigParser()
+    parser.read_config(bundle_path(name, "configs", "train.json"))
+    assert "tta" not in parser and type(parser.get_parsed_content("validate#evaluator#inferer").inferer).__name__ != "MirrorTTAInferer"
