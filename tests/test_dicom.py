@@ -424,11 +424,6 @@ def test_segment_nested_export_with_axial_thinnest(tmp_path, checkpoint, capsys)
     assert not (tmp_path / "out2").exists()
 
 
-@pytest.mark.xfail(
-    reason="records.input_fingerprint (pipeline/segment/records.py, not ours) stats the case's image path; "
-    "a series reference folder?series=UID needs it to fingerprint readers.input_files(path) instead",
-    strict=False,
-)
 def test_segment_flat_export_with_axial_thinnest(export, tmp_path, checkpoint):
     folder, _ = export
     output = tmp_path / "out"

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.fileio import FolderLock, LockHeld, atomic_write_text
 from pipeline.inferers import PRECISIONS, check_precision
-from pipeline.readers import MAX_GB_ENV, MAX_VOXELS_ENV, DataError
+from pipeline.readers import MAX_GB_ENV, MAX_VOXELS_ENV, DataError, input_files
 from pipeline.segment import dist
 from pipeline.segment.bundle import LoadedBundle, load_bundle, parse_override
 from pipeline.dicom import SeriesSelection
@@ -325,11 +325,7 @@ def _report(cases: list, out: Path, run_id: str, all_stats: list, batch: dict, c
 
 
 def _input_bytes(image: str | list[str]) -> int:
-    total = 0
-    for path in image if isinstance(image, list) else [image]:
-        paths = [p for p in Path(path).iterdir() if p.is_file()] if os.path.isdir(path) else [Path(path)]
-        total += sum(p.stat().st_size for p in paths)
-    return total
+    return sum(p.stat().st_size for path in (image if isinstance(image, list) else [image]) for p in input_files(path))
 
 
 def _storage_problem(out: Path, cases: list) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.fileio import atomic_write_text, read_json, sha256
+from pipeline.readers import input_files, is_series_reference
 from pipeline.segment.cases import Case
 from pipeline.segment.writers import WRITERS, OutputWriter
 
@@ -49,11 +50,11 @@ def failed_path(out: Path, case_id: str) -> Path:
 
 
 def input_fingerprint(image: str | list[str]) -> list:
-    """Cheap identity of an input (sizes and mtimes; a series folder: its files), to detect changes."""
+    """Cheap identity of an input (sizes and mtimes; a series folder or ``folder?series=UID``: its files)."""
     fingerprint = []
     for path in image if isinstance(image, list) else [image]:
-        if os.path.isdir(path):
-            stats = [os.stat(p) for p in sorted(Path(path).iterdir()) if p.is_file() and not p.name.startswith(".")]
+        if os.path.isdir(path) or is_series_reference(path):
+            stats = [os.stat(p) for p in input_files(path)]
             fingerprint.append([len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)])
         else:
             stat = os.stat(path)
