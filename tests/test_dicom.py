@@ -881,3 +881,14 @@ def test_a_slice_whose_header_is_damaged_stops_its_series_naming_it(tmp_path):
         read_volume(study.folder)
     (entry,) = dicom.scan(study.folder)
     assert entry.action == "refuse" and "IM0003" in entry.why
+
+
+def test_a_geometry_correction_is_a_warning_in_the_segment_summary(tmp_path, checkpoint):
+    study = Study(tmp_path / "gap")
+    positions = [np.array([0.0, 0.0, 3.0 * k]) for k in range(12)]
+    paths = ramp_series(study, 12, (1, 0, 0, 0, 1, 0), positions, spacing=(0.9, 0.9, 3.0), number=4)
+    paths[5].unlink()
+    assert run_segment(checkpoint, tmp_path / "gap", tmp_path / "out", "--series", "all") == 0  # the reader warns in its process
+    (row,) = summary_rows(tmp_path / "out").values()
+    assert row["status"] == "done" and any("1 missing slice" in w for w in row["warnings"]), row
+    assert "missing slice" in (tmp_path / "out" / "summary.csv").read_text().splitlines()[1]

@@ -274,7 +274,8 @@ class _CaseWriter:
             notes = [w.not_applicable(case) for w in self.writers if not w.applies_to(case)]
             if notes:
                 row["notes"] = "; ".join(notes)
-            warnings = _warnings(data["image"], mask, self.bundle.class_names)
+            # geometry corrections the reader made (a resampled tilt or missing slice), then empty results
+            warnings = list(case.notes) + _warnings(data["image"], mask, self.bundle.class_names)
             if warnings:
                 row["warnings"] = warnings
             return write_record(self.out, row, finals, temps, self.options.overwrite)
