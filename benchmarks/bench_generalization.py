@@ -158,7 +158,8 @@ def make_sites(folder: Path, step: int, seed: int = 0) -> dict:
 
     # the test anatomy
     t_t1, t_brain = deform(t1, brain, seed + 2, spacing)
-    head, label = head_mask(t_t1), (t_brain > 0.5)
+    label = t_brain > 0.5
+    head = head_mask(t_t1) | label  # the brain is in the head, also where the template's T1 is dark
     noisy = rician(t_t1, sigma, rng)
     sites: dict[str, dict] = {}
 
