@@ -134,12 +134,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return True
     if strip_image_suffix(path.name) is not None:
         return False
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
+    return _has_preamble(path)
 
 
 def is_dicom_series_folder(path: str | os.PathLike) -> bool:
@@ -356,6 +351,7 @@ def _quiet_pydicom():
 
 
 def _has_preamble(path: Path) -> bool:
+    """The 128-byte preamble followed by ``DICM``, as the standard's file format has it."""
     try:
         with open(path, "rb") as handle:
             handle.seek(128)
