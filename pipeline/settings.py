@@ -12,6 +12,10 @@ each a flat ``{id: value}`` object (so either also works as a MONAI config overl
   :class:`SettingsWriter` when training starts, beside ``model.pt``, with the datalist's class
   ``labels``. Evaluation, inference, ``ckpt_export`` and batch segmentation read them first
   (:func:`load_settings` with ``ckpt_dir``), so no command after training repeats an override.
+  ``python -m pipeline postprocess`` adds the connected-component rules it chose on the
+  validation cases (:func:`save_postprocessing`, key ``postprocessing``; read by the configs'
+  ``components`` id through :func:`postprocessing_rules`); like ``labels`` it is not a setting
+  compared with an override.
 
 Each setting id in the configs defaults to the saved value, e.g.
 ``"preset": "$@saved.get('preset', 'scale')"``. When weights are loaded under settings that
