@@ -196,3 +196,89 @@ def main(argv: list[str] | None = None) -> int:
     for name, info in written.items():
         print(f"{name}: {info['files']} files, datalist {info['datalist']}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# the main job's data: the MNI152 brain split into axial slabs, and a simulated second site
+# --------------------------------------------------------------------------------------------
+
+MNI_SLABS = "mni_slabs"
+# axial (RAS z) slice ranges of the 2 mm volume (94 slices; the brain fills 0..77): training
+# below and above, validation and test held out in between, never seen in training
+MNI_SLAB_RANGES = {
+    "train_inferior": (0, 34),
+    "validation": (34, 44),
+    "test": (44, 60),
+    "train_superior": (60, 94),
+}
+
+
+def _second_site(t1: np.ndarray, label: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The same anatomy as another scanner would give it (what a lab sees at a second site).
+
+    A smooth multiplicative bias field (+-20% across the slab), a different contrast (gamma 0.8),
+    another intensity scale and offset (x4 + 300, as a 12-bit scanner), and Gaussian noise
+    everywhere, so the air is noise instead of exact zeros.
+    """
+    rs = np.random.RandomState(seed + 4711)
+    grids = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in t1.shape], indexing="ij")
+    bias = 1.0 + 0.12 * grids[0] - 0.15 * grids[1] + 0.08 * grids[0] * grids[1]
+    scaled = (np.clip(t1.astype(np.float32), 0, None) / 255.0) ** 0.8 * 255.0
+    image = scaled * bias * 4.0 + 300.0 * (label > 0)
+    image += rs.normal(0.0, 12.0, size=t1.shape)
+    return np.clip(image, 0, None).astype(np.float32)
+
+
+def mni_slabs_datalist() -> dict:
+    """The datalist of the main job's MNI152 slab set (written next to its files)."""
+    def case(name):
+        return {"image": f"{MNI_SLABS}/images/{name}.nii.gz", "label": f"{MNI_SLABS}/labels/{name}.nii.gz"}
+
+    return {
+        "name": "mni152_tissue_slabs",
+        "description": "MNI152 2009c T1 (nilearn package data) at 2 mm, 4-class tissue label, split into axial slabs: "
+        f"training slices {MNI_SLAB_RANGES['train_inferior']} and {MNI_SLAB_RANGES['train_superior']}, validation "
+        f"{MNI_SLAB_RANGES['validation']}, test {MNI_SLAB_RANGES['test']} (held out), the test slab once as acquired "
+        "and once as a simulated second site (bias field, gamma, scale, noisy air, stored LPS)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "labels": dict(MNI_LABELS),
+        "training": [case("mni_train_inferior"), case("mni_train_superior")],
+        "validation": [case("mni_validation")],
+        "test": [case("mni_test_site_a"), case("mni_test_site_b")],
+    }
+
+
+def write_mni_slabs(out_dir, seed: int = 0) -> dict:
+    """Write the main job's data: the 2 mm MNI152 T1 and tissue label cut into axial slabs.
+
+    Training sees the slabs below and above a held-out middle part; validation and test are
+    slabs from that part. The test slab is written twice: as acquired (``site_a``) and as a
+    simulated second scanner (``site_b``, see :func:`_second_site`, stored LPS so orientation
+    and inversion are exercised). Returns ``{"dataset_dir", "datalist", "files"}``.
+    """
+    out = Path(out_dir)
+    t1, tissue, affine = mni_tissue_volumes()
+    cases = {}
+    for part, (start, stop) in MNI_SLAB_RANGES.items():
+        shifted = affine.copy()
+        shifted[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, start]) + affine[:3, 3]
+        cases[part] = (t1[:, :, start:stop], tissue[:, :, start:stop], shifted)
+    names = {"train_inferior": "mni_train_inferior", "train_superior": "mni_train_superior",
+             "validation": "mni_validation", "test": "mni_test_site_a"}  # fmt: skip
+    written = []
+    for part, name in names.items():
+        image, label, slab_affine = cases[part]
+        written.append((name, image, label, slab_affine))
+    image, label, slab_affine = cases["test"]
+    site_b = _second_site(image, label, seed)
+    lps = slab_affine @ np.array([[-1, 0, 0, image.shape[0] - 1], [0, -1, 0, image.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    written.append(("mni_test_site_b", site_b[::-1, ::-1].copy(), label[::-1, ::-1].copy(), lps))
+    for name, image, label, slab_affine in written:
+        for folder, array in (("images", image), ("labels", label.astype(np.uint8))):
+            path = out / MNI_SLABS / folder / f"{name}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, slab_affine), path)
+    datalist = out / f"{MNI_SLABS}.json"
+    datalist.write_text(json.dumps(mni_slabs_datalist(), indent=2) + "\n")
+    return {"dataset_dir": str(out), "datalist": str(datalist), "files": 2 * len(written)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import load_datalist, validate_datalist
-from pipeline import demo_data
+from pipeline import demo, demo_data
 from pipeline.demo_data import SETS, demo_datalist, write_demo_data
 from pipeline.readers import read_volume
 from pipeline.transforms import eval_transforms, train_transforms
@@ -103,3 +104,100 @@ def test_demo_commands_run_their_module_main(command, capsys):
         main([command, "--help"])
     assert exited.value.code == 0
     assert f"usage: python -m pipeline {command} " in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# the main job's data (MNI152 slabs, a simulated second site) and the main job itself
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slabs_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slabs")
+    info = demo_data.write_mni_slabs(out)
+    assert info["files"] == 10 and Path(info["datalist"]) == out / "mni_slabs.json"
+    return out
+
+
+def _world_z(path):
+    """The axial extent (mm, world z) of a volume's voxel centres."""
+    image = nib.load(path)
+    corners = nib.affines.apply_affine(image.affine, [[0, 0, 0], np.asarray(image.shape) - 1])
+    return sorted(corners[:, 2])
+
+
+def test_mni_slabs_hold_out_the_test_slab_and_validate_clean(slabs_dir):
+    datalist = slabs_dir / "mni_slabs.json"
+    assert json.loads(datalist.read_text()) == demo_data.mni_slabs_datalist()
+    assert validate_datalist(datalist, slabs_dir) == []
+    training = [_world_z(e["image"]) for e in load_datalist(datalist, slabs_dir)]
+    held_out = [_world_z(e["image"]) for s in ("validation", "test") for e in load_datalist(datalist, slabs_dir, s)]
+    for low, high in held_out:  # no test or validation slice lies inside a training slab
+        assert all(high < t_low or low > t_high for t_low, t_high in training)
+    for entry in load_datalist(datalist, slabs_dir, "test"):
+        counts = np.bincount(np.asanyarray(nib.load(entry["label"]).dataobj).ravel(), minlength=4)
+        assert len(counts) == 4 and (counts[1:] > 1000).all()  # every tissue class in the test slab
+
+
+def test_second_site_is_the_same_anatomy_from_another_scanner(slabs_dir):
+    site_a, site_b = load_datalist(slabs_dir / "mni_slabs.json", slabs_dir, "test")
+    a, b = nib.load(site_a["image"]), nib.load(site_b["image"])
+    assert nib.aff2axcodes(a.affine) == ("R", "A", "S") and nib.aff2axcodes(b.affine) == ("L", "P", "S")
+    to_ras = nib.orientations.io_orientation(b.affine)
+    label_b = nib.orientations.apply_orientation(np.asanyarray(nib.load(site_b["label"]).dataobj), to_ras)
+    np.testing.assert_array_equal(label_b, np.asanyarray(nib.load(site_a["label"]).dataobj))
+    np.testing.assert_allclose(nib.affines.apply_affine(b.affine, [97, 115, 0]), a.affine[:3, 3])
+    image_a = np.asanyarray(a.dataobj).astype(float)
+    image_b = nib.orientations.apply_orientation(np.asanyarray(b.dataobj), to_ras)
+    air = image_a == 0
+    assert image_b[air].std() > 5 and image_b[~air].mean() > 3 * image_a[~air].mean()  # noisy air, another scale
+    assert 0.8 < np.corrcoef(image_a[~air], image_b[~air])[0, 1] < 0.999  # same anatomy, not the same values
+
+
+def test_metrics_table_reads_monai_metrics_saver_csvs(tmp_path):
+    header = "filename,class0,class1,class2,mean\n"
+    (tmp_path / "val_mean_dice_raw.csv").write_text(header + "/d/a.nii.gz,0.5,0.8,0.9,0.7333\n/d/b.nii.gz,0.3,0.6,0.7,0.5333\n")
+    (tmp_path / "val_hd95_raw.csv").write_text(header + "/d/a.nii.gz,4,2,2,2.67\n/d/b.nii.gz,6,4,2,4\n")
+    rows, markdown = demo.metrics_table(tmp_path)
+    assert rows[0] == ["case", "csf_other Dice", "csf_other HD95 mm", "grey_matter Dice", "grey_matter HD95 mm",
+                       "white_matter Dice", "white_matter HD95 mm", "mean Dice"]  # fmt: skip
+    assert rows[1] == ["a", "0.500", "4.0", "0.800", "2.0", "0.900", "2.0", "0.733"]
+    assert rows[-1] == ["mean", "0.400", "5.0", "0.700", "3.0", "0.800", "2.0", "0.633"]
+    assert markdown.splitlines()[0].startswith("| case | csf_other Dice |") and len(markdown.splitlines()) == 5
+
+
+def test_main_job_plans_trains_evaluates_and_segments_the_mni_slabs(tmp_path):
+    """``python -m pipeline demo --data mni`` as a user runs it (one epoch, so it fits CI's budget).
+
+    It plans a bundle with ``python -m pipeline plan --cpu``, trains and evaluates it with the
+    standard ``monai.bundle`` commands and segments the test slabs with ``pipeline segment``,
+    none of them repeating a setting after the plan; it ends with QA pictures and a table.
+    """
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--data", "mni", "--output", str(out), "--epochs", "1"],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    printed = run.stdout
+    bundle = out / "bundle"
+    assert f"-m pipeline plan {out / 'data' / 'mni_slabs.json'}" in printed and "--cpu" in printed
+    plan = json.loads((bundle / "configs" / "plan.json").read_text())
+    assert plan["preset"] == "mri" and plan["out_channels"] == 4 and plan["plan"]["choices"]["dims"] == 3
+    # the commands after plan carry no override: the bundle holds the settings
+    assert f"cd {bundle} && {sys.executable} -m monai.bundle run --config_file configs/train.json\n" in printed
+    assert """--config_file "['configs/train.json','configs/evaluate.json']"\n""" in printed
+    assert f"-m pipeline segment --bundle {bundle} --input {out / 'data' / 'mni_slabs.json'} --output {out / 'masks'} --format qa-png --quiet\n" in printed
+    settings = json.loads((bundle / "models" / "settings.json").read_text())
+    assert json.dumps(settings).count("grey_matter") >= 1
+    # QA pictures and masks of both test cases (site A as acquired, site B a simulated second scanner)
+    for case in ("mni_test_site_a", "mni_test_site_b"):
+        assert (out / "masks" / "qa" / f"{case}.png").stat().st_size > 1000
+        mask = nib.load(out / "masks" / f"{case}_seg.nii.gz")
+        image = nib.load(out / "data" / "mni_slabs" / "images" / f"{case}.nii.gz")
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2, 3}
+    # the metrics table: per case and class Dice and HD95, printed and written
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:3] == ["csf_other Dice", "csf_other HD95 mm"] and [r[0] for r in rows[1:]] == ["mni_test_site_a", "mni_test_site_b", "mean"]
+    assert all(0.0 <= float(v) <= 1.0 for v in rows[-1][1::2])  # Dice columns (and the mean Dice)
+    assert "| mni_test_site_b |" in printed and (out / "metrics.md").read_text().count("| mni_test_site") == 2
