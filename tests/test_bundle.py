@@ -511,3 +511,19 @@ def test_tta_option_wraps_the_inferer_in_mirroring_with_the_right_activation(nam
     parser = ConfigParser()
     parser.read_config(bundle_path(name, "configs", "train.json"))
     assert "tta" not in parser and type(parser.get_parsed_content("validate#evaluator#inferer").inferer).__name__ != "MirrorTTAInferer"
+
+
+@pytest.mark.parametrize("name", ["unetpp_3d_seg", "unetpp_2d_seg"])
+def test_inference_config_builds_the_network_prune_recorded(name, tmp_path):
+    """`python -m pipeline prune` records its choice in models/settings.json; inference.json reads it."""
+    from pipeline.settings import record_serving
+
+    for recorded, expected in (({"mode": "fast", "prune_level": 2}, ("fast", 2)), ({"mode": "accurate", "head_weights": [0, 1, 3, 0]}, ("accurate", 4))):
+        record_serving(tmp_path / "models", recorded)
+        parser = ConfigParser()
+        parser.read_config(bundle_path(name, "configs", "inference.json"))
+        parser["bundle_root"] = str(tmp_path)
+        network = parser.get_parsed_content("network_def")
+        assert (network.mode, network.prune_level) == expected
+        if recorded["mode"] == "accurate":
+            assert network.head_weights.tolist() == pytest.approx([0, 0.25, 0.75, 0])
