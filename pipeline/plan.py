@@ -468,9 +468,19 @@ def write_bundle(
     from pipeline.bundle_sync import dumps
 
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a folder; choose another --output")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
+        # --overwrite replaces a planned bundle, never an arbitrary folder (its data, the checkout, home)
+        if not (output / "configs" / "plan.json").is_file():
+            raise FileExistsError(f"{output} is not a bundle written by plan (no configs/plan.json); --overwrite only replaces those")
     source = template_dir(template or result["choices"]["template"])
+    resolved = output.resolve()
+    for protected in (Path(dataset_dir).resolve(), source.resolve(), Path.cwd().resolve(), Path.home().resolve()):
+        if resolved == protected or resolved in protected.parents:
+            raise FileExistsError(f"{output} holds {protected}; choose a new folder for the planned bundle")
     if output.exists():
         shutil.rmtree(output)
     shutil.copytree(source, output, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "overlay_2d.json", "__pycache__"))

@@ -141,6 +141,13 @@ def test_plan_writes_a_bundle_whose_configs_read_the_plan(tmp_path, mni):
     assert "## What was chosen and why" in readme and "z-score inside the body" in readme
     with pytest.raises(FileExistsError):
         write_bundle(result, fp, bundle, mni.parent)
+    assert write_bundle(result, fp, bundle, mni.parent, overwrite=True) == bundle  # a planned bundle is replaced
+    # --overwrite never deletes a folder plan did not write, nor one holding the data
+    (tmp_path / "lab" / "scans").mkdir(parents=True)
+    (tmp_path / "lab" / "scans" / "precious.nii.gz").write_bytes(b"irreplaceable")
+    with pytest.raises(FileExistsError, match="not a bundle written by plan"):
+        write_bundle(result, fp, tmp_path / "lab", mni.parent, overwrite=True)
+    assert (tmp_path / "lab" / "scans" / "precious.nii.gz").read_bytes() == b"irreplaceable"
 
 
 def test_cli_usage_errors(tmp_path, capsys):

@@ -560,3 +560,15 @@ def test_tta_is_a_setting_of_the_masks(tmp_path, checkpoint):
     assert row["status"] == "done" and row["settings"]["tta"] is True
     assert run(checkpoint, tmp_path / "in", output) == 1  # masks made with TTA are not silently kept
     assert "other settings (tta)" in summary(output)["a"]["reason"]
+
+
+def test_pseudonymised_failure_records_do_not_name_the_input(tmp_path):
+    from pipeline.segment.records import base_row
+
+    source = tmp_path / "Doe_John_1961" / "ct.nii.gz"
+    case = segment.Case("case-0123abcd", str(source), "Doe_John_1961/ct.nii.gz", phi={"input": str(source)})
+    row = base_row(case, "failed", f"read: {source}: truncated", "run1", 0, None)
+    assert "Doe_John" not in json.dumps({k: v for k, v in row.items() if k != "source"})
+    assert row["reason"] == "read: <case-0123abcd>: truncated" and row["input"] == "case-0123abcd"
+    plain = base_row(segment.Case("ct", str(source), "ct.nii.gz"), "failed", f"read: {source}", "run1", 0, None)
+    assert plain["reason"] == f"read: {source}"  # without --pseudonymise the file is named

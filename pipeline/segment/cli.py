@@ -247,14 +247,16 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
     if rank == 0:  # rank 0 holds the folder's lock for the whole run and tells the others what to do
         try:
             cases = _find_cases(input_path, out, args, skipped)
-            if args.pseudonymise:
-                key = pseudonym_key(out)
-                cases = pseudonymise_cases(cases, key[0])
             if cases:
-                _lock_output(out, args.wait, held)
+                _lock_output(out, args.wait, held)  # before the key: two runs must not both make one
+                if args.pseudonymise:
+                    key = pseudonym_key(out)
+                    cases = pseudonymise_cases(cases, key[0])
                 record_discovery(out, skipped, cases, key)
         except (DataError, ValueError) as err:
             cases = str(err)
+        except OSError as err:  # e.g. a full disk while writing the key or phi_map.csv
+            cases = f"--output {out}: cannot write there ({err.strerror or err})"
     cases = dist.broadcast(cases, distributed)
     if isinstance(cases, str):
         return _usage_error(cases)

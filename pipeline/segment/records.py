@@ -115,14 +115,25 @@ def plan_case(case: Case, out: Path, writers: Sequence[OutputWriter], settings: 
     return "todo", ""
 
 
+def redact(text: str, case: Case) -> str:
+    """``text`` without the case's input paths when the case is pseudonymised (they may name the patient)."""
+    if not case.phi:
+        return text
+    original = str(case.phi.get("input") or case.first_path)
+    for path in sorted({original, os.path.dirname(original.rstrip("/")), case.first_path}, key=len, reverse=True):
+        if path and path not in ("/", "."):
+            text = text.replace(path, f"<{case.case_id}>")
+    return text
+
+
 def base_row(case: Case, status: str, reason: str, run_id: str, rank: int, timings: dict | None) -> dict:
-    """The fields every record has: the case, what happened, where and when."""
+    """The fields every record has: the case, what happened, where and when (paths redacted under --pseudonymise)."""
     return {
         "case_id": case.case_id,
-        "input": case.image,
+        "input": case.case_id if case.phi else case.image,
         "source": case.source,
         "status": status,
-        "reason": reason,
+        "reason": redact(reason, case),
         "run_id": run_id,
         "rank": rank,
         "host": socket.gethostname(),

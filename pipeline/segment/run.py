@@ -23,7 +23,7 @@ from pipeline.inferers import AutocastInferer, MirrorTTAInferer
 from pipeline.readers import DataError
 from pipeline.segment.bundle import LoadedBundle
 from pipeline.segment.cases import Case
-from pipeline.segment.records import base_row, input_fingerprint, output_paths, plan_case, write_failure, write_record
+from pipeline.segment.records import base_row, input_fingerprint, output_paths, plan_case, redact, write_failure, write_record
 from pipeline.segment.writers import Prediction, writers_for
 
 __all__ = ["SegmentOptions", "root_cause", "run_segmentation", "available_cores", "apply_thread_count", "native_bf16"]
@@ -287,7 +287,7 @@ class _CaseWriter:
     def fail(self, case: Case, reason: str, timings: dict | None = None, detail: str = "") -> dict:
         row = base_row(case, "failed", reason, self.run_id, self.options.rank, timings)
         if detail:
-            row["traceback"] = detail
+            row["traceback"] = redact(detail, case)
         row = write_failure(self.out, row)
         if "unrecorded" in row:
             self.unrecorded[case.case_id] = row
