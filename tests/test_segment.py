@@ -572,3 +572,22 @@ def test_pseudonymised_failure_records_do_not_name_the_input(tmp_path):
     assert row["reason"] == "read: <case-0123abcd>: truncated" and row["input"] == "case-0123abcd"
     plain = base_row(segment.Case("ct", str(source), "ct.nii.gz"), "failed", f"read: {source}", "run1", 0, None)
     assert plain["reason"] == f"read: {source}"  # without --pseudonymise the file is named
+
+
+def test_phi_map_keeps_earlier_batches_and_a_damaged_key_is_named(tmp_path, monkeypatch):
+    import csv
+
+    from pipeline.segment.cases import pseudonym_key, record_discovery
+
+    monkeypatch.delenv("PIPELINE_PSEUDONYM_KEY", raising=False)
+    key = pseudonym_key(tmp_path)
+    first = segment.Case("case-1", "a.nii.gz", "a.nii.gz", phi={"case_id": "case-1", "source": "Doe/a.nii.gz", "input": "/in/Doe/a.nii.gz"})
+    second = segment.Case("case-2", "b.nii.gz", "b.nii.gz", phi={"case_id": "case-2", "source": "Roe/b.nii.gz", "input": "/in/Roe/b.nii.gz"})
+    record_discovery(tmp_path, [], [first], key)
+    record_discovery(tmp_path, [], [second], pseudonym_key(tmp_path))
+    with open(tmp_path / "phi_map.csv", newline="") as handle:
+        assert [row["case_id"] for row in csv.DictReader(handle)] == ["case-1", "case-2"]
+    assert oct((tmp_path / "phi_map.csv").stat().st_mode & 0o777) == "0o600"
+    (tmp_path / ".pseudonym.key").write_text("not hex\n")
+    with pytest.raises(ValueError, match=r"\.pseudonym\.key: not a hex key"):
+        pseudonym_key(tmp_path)

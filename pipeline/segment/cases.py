@@ -234,7 +234,10 @@ def pseudonym_key(out: str | os.PathLike) -> tuple[bytes, bool]:
         return text.encode("utf-8"), False
     stored = Path(out) / PSEUDONYM_KEY_FILE
     if stored.is_file():
-        return bytes.fromhex(stored.read_text().strip()), False
+        try:
+            return bytes.fromhex(stored.read_text().strip()), False
+        except ValueError:
+            raise ValueError(f"{stored}: not a hex key; restore it from a backup or set ${PSEUDONYM_KEY_ENV}") from None
     return secrets.token_bytes(32), True
 
 
@@ -309,6 +312,11 @@ def record_discovery(out: str | os.PathLike, skipped: Sequence[dict], cases: Seq
     if key and key[1]:
         atomic_write(Path(out) / PSEUDONYM_KEY_FILE, private((key[0].hex() + "\n").encode()))
     if rows:
+        earlier = Path(out) / PHI_MAP
+        if earlier.is_file():  # earlier batches into OUT keep their links back
+            with open(earlier, newline="", encoding="utf-8") as handle:
+                new_ids = {row["case_id"] for row in rows}
+                rows = [row for row in csv.DictReader(handle) if row.get("case_id") not in new_ids] + list(rows)
         buffer = io.StringIO()
         table = csv.DictWriter(buffer, fieldnames=list(PHI_FIELDS) + ["error"], extrasaction="ignore")
         table.writeheader()
