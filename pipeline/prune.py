@@ -456,6 +456,8 @@ def export_pruned(bundle: Path, destination: Path, network, level: int, settings
     destination = Path(destination)
     if destination.exists() and any(destination.iterdir()):
         raise FileExistsError(f"--export {destination}: exists and is not empty")
+    if destination.resolve() == Path(bundle).resolve() or Path(bundle).resolve() in destination.resolve().parents:
+        raise FileExistsError(f"--export {destination}: inside the bundle it exports; choose a folder outside it")
     shutil.copytree(bundle, destination, ignore=shutil.ignore_patterns("models", "logs", "eval", "manifest.json"),
                     dirs_exist_ok=True)
     for config in sorted((destination / "configs").glob("*.json")):
