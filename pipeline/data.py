@@ -199,6 +199,16 @@ def _summarize(path: str, is_label: bool) -> _Summary:
     return _Summary(path, array, affine, want_values=is_label)
 
 
+def _reader_context():
+    """``spawn`` inside a DDP process (forking a process that holds a process group's threads is
+    unsafe: the copies' C++ threads can abort at exit); the platform's default elsewhere (fast)."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    return multiprocessing.get_context("spawn") if dist.is_available() and dist.is_initialized() else None
+
+
 class _IsolatedReader:
     """Reads files in one worker process, so a decoder that crashes (a segfault in a DICOM or image
     library) costs one file: it is reported as a problem and the next file gets a fresh worker."""
@@ -211,7 +221,7 @@ class _IsolatedReader:
         from concurrent.futures.process import BrokenProcessPool
 
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=1)
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=_reader_context())
         try:
             return self.pool.submit(_summarize, path, is_label).result()
         except BrokenProcessPool:

@@ -102,10 +102,11 @@ def nifti_claiming(path: Path, shape: tuple, payload_bytes: int = 4096) -> Path:
 
 def peak_rss_mb_of(code: str) -> tuple[float, str]:
     """Run ``code`` in a fresh interpreter; return its peak RSS (MB) and what it printed."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (here pytest) across exec.
     script = textwrap.dedent(code) + textwrap.dedent(
         """
-        import resource
-        print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+        print("PEAK_MB", int(peak) / 1024)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, timeout=300)

@@ -173,7 +173,7 @@ def test_plan_train_segment_without_overrides_matches_the_explicit_path(tmp_path
     made = subprocess.run(
         [sys.executable, "-m", "pipeline", "plan", str(datalist), "--output", str(bundle), "--cpu",
          "--features", "4", "8", "16", "--epochs", "1"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", env=env, timeout=300,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     settings = json.loads((bundle / "configs" / "plan.json").read_text())
@@ -181,7 +181,7 @@ def test_plan_train_segment_without_overrides_matches_the_explicit_path(tmp_path
 
     def bundle_run(*args):
         result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=bundle, env=env, timeout=600,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8")  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:]
 
     bundle_run("run", "--config_file", "configs/train.json", "--progress_bar", "False", "--num_workers", "0")
