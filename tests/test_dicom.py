@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline import dicom
+from test_segment import checkpoint  # noqa: F401 (the tiny-network weights fixture)
 from pipeline.readers import (
     DataError,
     DicomGeometryWarning,
@@ -376,18 +377,6 @@ def test_nested_dicomdir_export_axial_thinnest_across_folders(tmp_path):
     cases = discover_cases(root, series=["axial-thinnest"])
     assert len(cases) == 1 and cases[0].image == used[0].folder + "/"
     assert cases[0].case_id == Path(used[0].folder).name  # SE00000n: meaningless, but no patient data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    import torch
-
-    from pipeline.nets import UNetPlusPlus
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "model.pt"
-    torch.save(UNetPlusPlus(3, 1, 1, features=(4, 8, 16), depth=2).state_dict(), path)
-    return path
 
 
 def run_segment(checkpoint: Path, input_path: Path, output: Path, *extra: str) -> int:

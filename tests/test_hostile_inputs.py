@@ -24,7 +24,7 @@ from pipeline.data import validate_datalist
 from pipeline.nets import UNetPlusPlus
 from pipeline.readers import DataError, read_volume
 
-from test_segment import BUNDLE, ROOT, checkpoint, run, summary, tree, write_nifti, write_series  # noqa: F401 (fixture)
+from test_segment import BUNDLE, ROOT, DiesOn, checkpoint, run, summary, tree, write_nifti, write_series  # noqa: F401 (fixture)
 
 
 def environment() -> dict:
@@ -146,18 +146,6 @@ def test_a_file_shorter_than_its_header_is_refused_as_truncated(tmp_path):
 # --------------------------------------------------------------------------------------------
 # crashing decoders
 # --------------------------------------------------------------------------------------------
-
-
-class DiesOn:
-    """Preprocessing that kills its reader process on one file, as a decoder segfault would."""
-
-    def __init__(self, inner, name: str):
-        self.inner, self.name = inner, name
-
-    def __call__(self, data):
-        if Path(data["image"]).name == self.name:
-            os._exit(139)
-        return self.inner(data)
 
 
 def test_workers_0_still_isolates_a_crashing_reader(tmp_path, checkpoint):
