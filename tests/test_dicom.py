@@ -416,7 +416,8 @@ def test_segment_nested_export_with_axial_thinnest(tmp_path, checkpoint, capsys)
 def test_segment_flat_export_with_axial_thinnest(export, tmp_path, checkpoint):
     folder, _ = export
     output = tmp_path / "out"
-    assert run_segment(checkpoint, folder, output, "--series", "axial-thinnest") == 0
+    # --show-phi: the case is named after its folder (DICOM inputs are pseudonymised by default)
+    assert run_segment(checkpoint, folder, output, "--series", "axial-thinnest", "--show-phi") == 0
     rows = summary_rows(output)
     assert [(k, r["status"], r["shape"]) for k, r in rows.items()] == [("export", "done", [48, 48, 16])]
 

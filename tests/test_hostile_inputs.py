@@ -67,7 +67,7 @@ def test_a_dicom_slice_cut_short_fails_its_series_instead_of_reading_zeros(tmp_p
     content = victim.read_bytes()
     victim.write_bytes(content[: len(content) - 600])  # the last rows of pixels are missing
 
-    assert run(checkpoint, data, tmp_path / "out") == 1
+    assert run(checkpoint, data, tmp_path / "out", "--show-phi") == 1  # named case and reason (DICOM: pseudonymised by default)
 
     row = summary(tmp_path / "out")["ct"]
     assert row["status"] == "failed" and victim.name in row["reason"] and "truncated" in row["reason"]

@@ -130,7 +130,8 @@ def test_mixed_nifti_and_dicom_series_masks_match_input_geometry(tmp_path, check
     bundle_before, input_before = tree(BUNDLE), tree(tmp_path)
     output = tmp_path / "out"
 
-    assert run(checkpoint, data, output) == 0
+    # --show-phi: cases named after their files (a batch with a DICOM case is pseudonymised by default)
+    assert run(checkpoint, data, output, "--show-phi") == 0
 
     rows = summary(output)
     assert sorted(rows) == ["oblique", "ras", "scan", "series_ct"]
@@ -215,7 +216,7 @@ def test_corrupt_case_mid_batch_is_reported_and_the_others_finish(tmp_path, chec
     write_nifti(data / "z_last.nii.gz", seed=3)
     output = tmp_path / "out"
 
-    assert run(checkpoint, data, output) == 1  # some case failed
+    assert run(checkpoint, data, output, "--show-phi") == 1  # some case failed (named: --show-phi, f_ is DICOM)
 
     rows = summary(output)
     assert {k: r["status"] for k, r in rows.items()} == {
@@ -323,7 +324,7 @@ def test_qa_png_and_dicom_seg(tmp_path, checkpoint):
     series = write_series(data / "ct_series")
     output = tmp_path / "out"
 
-    assert run(checkpoint, data, output, "--qa-png", "--format", "dicom-seg") == 0
+    assert run(checkpoint, data, output, "--qa-png", "--format", "dicom-seg", "--show-phi") == 0  # named cases
 
     for case_id in ("brain", "ct_series"):
         png = output / "qa" / f"{case_id}.png"
@@ -409,7 +410,7 @@ def test_two_rank_torchrun_covers_every_case_exactly_once(tmp_path, checkpoint):
     write_series(data / "dicom" / "series_a")
     output = tmp_path / "out"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.Popen(launcher + command(checkpoint, data, output)[1:], env=environment(), cwd=ROOT,
+    process = subprocess.Popen(launcher + command(checkpoint, data, output)[1:] + ["--show-phi"], env=environment(), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = process.communicate(timeout=180)

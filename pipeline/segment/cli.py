@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DICOM inputs: which series to segment, per study (repeatable; see python -m pipeline dicom scan): "
                              "modality=CT, description~venous, orientation=axial, number=3, uid=..., axial-thinnest, all; "
                              "default: each folder's one image series")
-    parser.add_argument("--pseudonymise", action="store_true",
-                        help="case ids case-<hash> keyed from the Study/Series UIDs (a file's: its path), never from folder "
-                             "or file names; OUT/phi_map.csv (mode 600) links them back")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument("--pseudonymise", action="store_true",
+                       help="case ids case-<hash> keyed from the Study/Series UIDs (a file's: its path), never from folder "
+                            "or file names; OUT/phi_map.csv (mode 600) links them back (the default when a case is DICOM)")
+    names.add_argument("--show-phi", action="store_true",
+                       help="keep folder and file names as case ids, also for DICOM inputs (which are pseudonymised by default)")
     parser.add_argument("--section", default="test", help="datalist section to segment (default: test)")
     parser.add_argument("--dataset-dir", "--dataset_dir", dest="dataset_dir", default=None, help="datalist paths root (default: its folder)")
     parser.add_argument("--mode", choices=("accurate", "fast"), default=None,
@@ -230,6 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy()
 
 
+def _pseudonymise(args, cases: list) -> bool:
+    """``--pseudonymise``, or by default when a case is DICOM (whose folder names are often a patient's
+    name or id); ``--show-phi`` keeps the names. The default says so in one log line."""
+    if args.pseudonymise or args.show_phi:
+        return args.pseudonymise
+    from pipeline.readers import is_dicom_file
+
+    dicom = sum(case.is_dicom or is_dicom_file(case.first_path) for case in cases)  # a series, or one .dcm file
+    if dicom:
+        print(f"segment: {dicom} of {len(cases)} case(s) are DICOM: case ids are pseudonymised (case-<hash>; "
+              "OUT/phi_map.csv links them back); --show-phi keeps folder names", file=sys.stderr)
+    return bool(dicom)
+
+
 def _lock_output(out: Path, wait: bool, held: contextlib.ExitStack) -> None:
     """Hold ``OUT``'s lock until ``held`` closes; ValueError (a usage error) when that cannot be."""
     try:
@@ -249,7 +266,7 @@ def _run(args, bundle: LoadedBundle, overrides: dict, input_path: Path, out: Pat
             cases = _find_cases(input_path, out, args, skipped)
             if cases:
                 _lock_output(out, args.wait, held)  # before the key: two runs must not both make one
-                if args.pseudonymise:
+                if _pseudonymise(args, cases):
                     key = pseudonym_key(out)
                     cases = pseudonymise_cases(cases, key[0])
                 record_discovery(out, skipped, cases, key)
