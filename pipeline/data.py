@@ -29,7 +29,23 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pipeline.fileio import read_json
-from pipeline.readers import DataError, image_name, is_dicom_series_folder, list_images, read_volume, split_series_reference
+from pipeline.readers import (
+    LABEL_CLASSES_KEY,
+    LABEL_OBJECT_KINDS,
+    DataError,
+    dicom_label_kind,
+    dicom_series_in_folder,
+    image_name,
+    is_dicom_file,
+    is_dicom_series_folder,
+    is_series_reference,
+    label_object_names,
+    label_object_references,
+    list_images,
+    read_label,
+    read_volume,
+    split_series_reference,
+)
 
 __all__ = [
     "DataError",
@@ -38,6 +54,7 @@ __all__ = [
     "validate_datalist",
     "check_datalist",
     "declared_labels",
+    "label_classes",
     "build_datalist",
     "select_fold",
     "intensity_fingerprint",
@@ -89,6 +106,7 @@ def _entries(
     if not isinstance(items, list):
         raise DataError(f"{name}: {section!r} must be a list")
     root = os.path.normpath(os.path.abspath(os.path.expanduser(str(dataset_dir))))
+    classes = label_classes(content) if "labels" in content else None
     entries = []
     for index, item in enumerate(items):
         where = f"{name} {section}[{index}]"
@@ -104,6 +122,8 @@ def _entries(
                         entry[key] = [_resolve(v, root, allow_outside, where) for v in value]
                     else:
                         entry[key] = _resolve(value, root, allow_outside, where)
+            if classes is not None and isinstance(entry.get("label"), str) and is_dicom_file(entry["label"]):
+                entry[LABEL_CLASSES_KEY] = classes  # a SEG / RTSTRUCT's names become classes through these
         except DataError as err:
             if problems is None:
                 raise
@@ -154,6 +174,16 @@ def declared_labels(content: dict) -> set[int] | None:
     raise DataError(f"'labels' must map class values to names, e.g. {{\"0\": \"background\"}}, got {labels!r}")
 
 
+def label_classes(content: dict) -> dict[str, int]:
+    """Class name -> value from the datalist's ``labels`` (MSD or nnU-Net v2 form): how a DICOM SEG's
+    segment labels and an RTSTRUCT's ROI names become class values (compared case-insensitively)."""
+    declared_labels(content)  # the form is checked there
+    labels = content["labels"]
+    if all(isinstance(v, int) for v in labels.values()):
+        return {str(name): int(value) for name, value in labels.items()}
+    return {str(name): int(value) for value, name in labels.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
@@ -193,9 +223,13 @@ class _Summary:
         self.values = np.unique(array) if want_values else None  # NaN/Inf are refused by the reader
 
 
-def _summarize(path: str, is_label: bool) -> _Summary:
-    """Read one file (in a worker process: see :class:`_IsolatedReader`) and keep what validation needs."""
-    array, affine = read_volume(path)
+def _summarize(path: str, is_label: bool, image: str | None = None, classes: dict | None = None) -> _Summary:
+    """Read one file (in a worker process: see :class:`_IsolatedReader`) and keep what validation needs.
+
+    A label is read by :func:`pipeline.readers.read_label`: a DICOM SEG / RTSTRUCT onto ``image``'s
+    grid, after checking that it references that series (the problem names both files and UIDs).
+    """
+    array, affine = read_label(path, image, classes) if is_label else read_volume(path)
     return _Summary(path, array, affine, want_values=is_label)
 
 
@@ -216,14 +250,14 @@ class _IsolatedReader:
     def __init__(self):
         self.pool = None
 
-    def __call__(self, path: str, is_label: bool) -> _Summary:
+    def __call__(self, path: str, is_label: bool, image: str | None = None, classes: dict | None = None) -> _Summary:
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=_reader_context())
         try:
-            return self.pool.submit(_summarize, path, is_label).result()
+            return self.pool.submit(_summarize, path, is_label, image, classes).result()
         except BrokenProcessPool:
             self.close()
             raise DataError(f"{path}: the reader crashed on this file (a corrupt file that breaks the decoder)") from None
@@ -292,14 +326,15 @@ def validate_datalist(
     cache: dict[str, _Summary | None] = {}
     read = _IsolatedReader()
 
-    def summary(path: str, is_label: bool) -> _Summary | None:
-        if path not in cache:
+    def summary(path: str, is_label: bool, image: str | None = None, classes: dict | None = None) -> _Summary | None:
+        key = f"{path}\n{image}" if image else path  # a label object is read on its entry's image
+        if key not in cache:
             try:
-                cache[path] = read(path, is_label)
+                cache[key] = read(path, is_label, image, classes)
             except DataError as err:
                 problems.append(str(err))
-                cache[path] = None
-        return cache[path]
+                cache[key] = None
+        return cache[key]
 
     try:
         for section in sections:
@@ -311,7 +346,9 @@ def validate_datalist(
             for entry in entries:
                 channels = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
                 images = [summary(path, False) for path in channels]
-                label = summary(entry["label"], True) if "label" in entry else None
+                label = None
+                if "label" in entry and (images[0] is not None or not is_dicom_file(entry["label"])):
+                    label = summary(entry["label"], True, channels[0], entry.get(LABEL_CLASSES_KEY))
                 for image in images:
                     if image is not None:
                         problems += _image_problems(image, dims, multi_file=len(channels) > 1)
@@ -463,22 +500,45 @@ def _pair(images: dict[str, list], label_folder: Path | None) -> tuple[list, lis
     return labelled, unlabelled
 
 
+def _objects_only(folder: Path) -> bool:
+    """A folder with sub-folders whose own DICOM files are no image series, e.g. a patient folder
+    ``p1/`` holding ``p1/CT/...`` and ``p1/seg.dcm``: a patient folder, not a series."""
+    if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        return False
+    return all(group.kind != "image" for group in dicom_series_in_folder(folder))
+
+
+def _label_objects_in(folder: Path, series_uid: str | None) -> list[Path]:
+    """The DICOM SEG / RTSTRUCT files directly in a series folder; with ``series_uid`` (one series of
+    several in the folder), those referencing it (or not saying which series they label)."""
+    files = [Path(path) for group in dicom_series_in_folder(folder) if group.kind in LABEL_OBJECT_KINDS for path, _ in group.headers]
+    if series_uid is not None:
+        files = [f for f in files if not (refs := label_object_references(f)) or series_uid in refs]
+    return files
+
+
 def _flat_pairs(folder: Path, selection=None, skipped: list | None = None) -> tuple[list, list]:
     """Paired names in one folder: ``case.nii.gz`` + ``case_seg.nii.gz`` (or _label, _mask, _gt)."""
     cases = _cases(folder, selection, skipped)
+    cases = {c: p for c, p in cases.items() if not (len(p) == 1 and isinstance(p[0], Path) and p[0].is_dir() and _objects_only(p[0]))}
     label_of = {}
     for case in list(cases):
         for suffix in LABEL_SUFFIXES:
             if case.endswith(suffix) and case[: -len(suffix)] in cases:
                 label_of[case[: -len(suffix)]] = cases.pop(case)[0]
                 break
-    for case, paths in cases.items():  # a series folder may hold its own label file
-        if case not in label_of and len(paths) == 1 and isinstance(paths[0], Path) and paths[0].is_dir():
-            inside = [p for p in list_images(paths[0]) if p.is_file() and _is_label_name(p)]
-            if len(inside) > 1:
-                raise DataError(f"{paths[0]}: {len(inside)} label files ({', '.join(p.name for p in inside)}); keep one")
-            if inside:
-                label_of[case] = inside[0]
+    for case, paths in cases.items():  # a series folder may hold its own label file or label object
+        if case in label_of or len(paths) != 1:
+            continue
+        series_folder, uid, _ = split_series_reference(paths[0])
+        if not Path(series_folder).is_dir():
+            continue
+        inside = [p for p in list_images(series_folder) if p.is_file() and _is_label_name(p)] if uid is None else []
+        inside += _label_objects_in(Path(series_folder), uid)
+        if len(inside) > 1:
+            raise DataError(f"{paths[0]}: {len(inside)} label files ({', '.join(p.name for p in inside)}); keep one")
+        if inside:
+            label_of[case] = inside[0]
     labelled = [(c, p, label_of[c]) for c, p in sorted(cases.items()) if c in label_of]
     unlabelled = [(c, p, None) for c, p in sorted(cases.items()) if c not in label_of]
     return labelled, unlabelled
@@ -497,9 +557,10 @@ def _is_label_name(path: Path) -> bool:
 
 def _patient_case(folder: Path, root: Path, selection, skipped: list | None) -> tuple[list, object] | None:
     """``(images, label)`` of a patient folder (``p1/CT/*.dcm`` + ``p1/label.nii.gz``), searched
-    recursively; None when it holds no image and no label. DataError when it cannot be one case:
-    several images and no rule choosing, several labels, a label without an image, or a DICOM
-    SEG / RTSTRUCT label (not read by datalist build yet)."""
+    recursively; None when it holds no image and no label. A DICOM SEG / RTSTRUCT object found in it
+    is a label (its file). DataError when it cannot be one case: several images and no rule
+    choosing, several labels, a label without an image, a label object that references another
+    series than the image."""
     from pipeline import dicom
 
     files, series_folders = [], []
@@ -511,22 +572,16 @@ def _patient_case(folder: Path, root: Path, selection, skipped: list | None) -> 
     labels = [p for p in files if _is_label_name(p)]
     images: list = [p for p in files if not _is_label_name(p)]
     inventory = dicom.select(dicom.scan_folders(series_folders), selection)
-    label_objects = [e for e in inventory if e.kind in ("segmentation", "rtstruct")]
+    labels += [Path(f) for e in inventory if e.kind in LABEL_OBJECT_KINDS for f in e.object_files]
     ambiguous = [e for e in inventory if e.kind == "image" and e.action == "skip" and "--series" in e.why]
     for entry in inventory:
         if entry.action == "use":
             images.append(Path(entry.path) if entry.path == entry.folder else entry.path)
         elif skipped is not None and entry.kind not in ("segmentation", "rtstruct"):
             skipped.append({"folder": _relative(Path(entry.folder), root), "series": entry.label(), "why": entry.why})
-    if not images and not labels and not label_objects and not ambiguous:
+    if not images and not labels and not ambiguous:
         return None
     name = _relative(folder, root)
-    if label_objects and not labels:
-        kinds = ", ".join(sorted({e.kind.upper() for e in label_objects}))
-        raise DataError(
-            f"{name}: the label is a DICOM {kinds} object, which datalist build does not read yet; "
-            "convert it to a NIfTI label (e.g. with 3D Slicer) next to the image"
-        )
     if len(labels) > 1:
         raise DataError(f"{name}: {len(labels)} label files ({', '.join(_relative(p, root) for p in labels)}); keep one")
     if ambiguous and selection is None:
@@ -541,14 +596,32 @@ def _patient_case(folder: Path, root: Path, selection, skipped: list | None) -> 
     if not images:
         raise DataError(f"{name}: a label ({', '.join(_relative(p, root) for p in labels)}) but no image "
                         "(a label is never dropped silently)")
+    if labels and dicom_label_kind(labels[0]):
+        _check_label_object(name, labels[0], images[0], inventory, root)
     return images, (labels[0] if labels else None)
+
+
+def _check_label_object(name: str, label: Path, image, inventory: list, root: Path) -> None:
+    """A SEG / RTSTRUCT label must label the case's image: a DICOM series it references."""
+    used = [e for e in inventory if e.action == "use"]
+    if not used:
+        raise DataError(f"{name}: the label {_relative(label, root)} is a DICOM label object; its image "
+                        f"{_relative(image, root)} must be the DICOM series it was drawn on")
+    referenced = label_object_references(label)
+    if referenced and used[0].series_uid not in referenced:
+        raise DataError(
+            f"{name}: the label {_relative(label, root)} references series {', '.join(sorted(referenced))}, but the "
+            f"image {_relative(image, root)} is series {used[0].series_uid}; choose that series with --series uid=..."
+        )
 
 
 def _patient_pairs(root: Path, taken: set[str], selection, skipped: list | None) -> tuple[list, list]:
     """Patient folders directly under ``root`` (sub-folders that are not themselves a series)."""
     labelled, unlabelled, problems = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.is_symlink()):
-        if folder.name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") or is_dicom_series_folder(folder):
+        if folder.name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            continue
+        if is_dicom_series_folder(folder) and not _objects_only(folder):
             continue
         try:
             found = _patient_case(folder, root, selection, skipped)
@@ -575,6 +648,26 @@ def _entry(root: Path, paths: list, label: Path | None) -> dict:
     return entry
 
 
+def _found_labels(labels: list) -> dict[str, str]:
+    """A ``labels`` map from the labels themselves: ``class_<v>`` per value found in label volumes,
+    then each segment label / ROI name of the DICOM label objects (first seen first)."""
+    values: set[int] = set()
+    names: dict[str, str] = {}  # lower -> as first written
+    for label in labels:
+        if dicom_label_kind(label):
+            for name in label_object_names(label):
+                names.setdefault(name.lower(), name)
+        else:
+            array, _ = read_volume(label)
+            values |= set(np.unique(array).astype(int).tolist())
+    if names:
+        values.add(0)
+    found = {str(v): ("background" if v == 0 else f"class_{v}") for v in sorted(values)}
+    for value, name in enumerate(names.values(), start=max(values, default=0) + 1):
+        found[str(value)] = name
+    return found
+
+
 def build_datalist(
     directory: str | os.PathLike, folds: int | None = None, val_fold: int = 0, seed: int = 0, series: Sequence[str] | None = None
 ) -> dict:
@@ -589,17 +682,20 @@ def build_datalist(
       a series folder's own label file (``case/IM0001...`` + ``case/label.nii.gz``) pairs with it;
     * patient folders: ``p1/`` holding an image somewhere inside (a volume file or a DICOM series
       folder, ``p1/CT/IM0001...``) and optionally a label file named like one (``label``, ``seg``,
-      ``mask``, ``gt``... or in a ``labels/`` folder), searched recursively; the case is ``p1``.
+      ``mask``, ``gt``... or in a ``labels/`` folder) or a DICOM SEG / RTSTRUCT object (any file
+      name: found by its SOP class), searched recursively; the case is ``p1``.
 
     Images are found with :func:`pipeline.readers.list_images` (the rule ``segment`` uses too):
     volume files, and sub-folders directly holding DICOM files (by suffix or the ``DICM``
     preamble), each one series named after its folder. ``labels``, ``modality``, ``tensorImageSize`` and ``name`` come from a
     ``dataset.json`` in ``directory`` when there is one; otherwise the classes are the
-    values found in the labels (rename them in the file).
+    values found in the labels (rename them in the file) and the segment labels / ROI names of
+    the DICOM label objects.
 
     A label is never dropped silently: a label without an image, several labels for one case, a
     patient folder with several images (or several DICOM image series and no ``series`` rule
-    choosing) and a DICOM SEG/RTSTRUCT label are :class:`DataError`\ s naming the folder.
+    choosing) and a DICOM SEG/RTSTRUCT label of another series than the case's image are
+    :class:`DataError`\ s naming the folder.
 
     Args:
         folds: when given, each training entry gets ``"fold"`` (0..folds-1, shuffled with
@@ -647,11 +743,7 @@ def build_datalist(
         meta = _read_json(dataset_json)
         content.update({k: meta[k] for k in ("name", "description", "tensorImageSize", "modality", "channel_names", "labels") if k in meta})
     if "labels" not in content and labelled:
-        values: set[int] = set()
-        for _, _, label in labelled:
-            array, _ = read_volume(label)
-            values |= set(np.unique(array).astype(int).tolist())
-        content["labels"] = {str(v): ("background" if v == 0 else f"class_{v}") for v in sorted(values)}
+        content["labels"] = _found_labels([label for _, _, label in labelled])
     training = [_entry(root, paths, label) for _, paths, label in labelled]
     if folds is not None:
         if folds < 2 or folds > len(training):
@@ -707,7 +799,8 @@ def intensity_fingerprint(
     for entry in load_datalist(datalist_path, dataset_dir, section):
         image, _ = read_volume(entry["image"] if isinstance(entry["image"], str) else entry["image"][0])
         image = image[..., 0] if image.ndim == 4 else image  # first channel of a 4D image
-        foreground = image[read_volume(entry["label"])[0] > 0] if "label" in entry else image.ravel()
+        first = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
+        foreground = image[read_label(entry["label"], first, entry.get(LABEL_CLASSES_KEY))[0] > 0] if "label" in entry else image.ravel()
         if foreground.size > samples_per_case:
             foreground = rng.choice(foreground, samples_per_case, replace=False)
         values.append(foreground.astype(np.float64))

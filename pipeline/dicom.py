@@ -90,6 +90,7 @@ class SeriesEntry:
     why: str = ""
     path: str = ""
     volume: DicomVolume | None = dataclasses.field(default=None, repr=False)
+    object_files: list[str] = dataclasses.field(default_factory=list)  # a label object's (SEG, RTSTRUCT) files
 
     @property
     def is_volume(self) -> bool:
@@ -152,7 +153,7 @@ def _entries_of(group: DicomSeriesGroup, tolerance: float) -> list[SeriesEntry]:
     )
     if group.kind != "image":
         action = "skip"
-        return [SeriesEntry(**base, action=action, why=group.reason)]
+        return [SeriesEntry(**base, action=action, why=group.reason, object_files=[path for path, _ in group.headers])]
     try:
         split_by, volumes = plan_series(group, tolerance)
     except DataError as err:

@@ -74,6 +74,15 @@ __all__ = [
     "dicom_volume_affine",
     "read_rtstruct",
     "RTSTRUCT_SOP_CLASS",
+    "SEG_SOP_CLASS",
+    "LABEL_OBJECT_KINDS",
+    "LABEL_CLASSES_KEY",
+    "dicom_label_kind",
+    "label_object_names",
+    "label_object_references",
+    "read_label_object",
+    "read_label",
+    "DicomLabelReader",
     "read_volume",
     "is_nifti",
     "strip_image_suffix",
@@ -364,6 +373,12 @@ def _check_dicom_file(path: Path) -> None:
     """A single DICOM file given as an image: its native PixelData must hold what its header
     claims (a header claiming 65535 frames over 32 KB of pixels is refused before reading)."""
     headers = _dicom_headers(path.parent, only=path)
+    if headers and dicom_object_kind(headers[0][1])[0] in LABEL_OBJECT_KINDS:
+        # SimpleITK would read a SEG's frames as a stack of slices, on no grid of any image
+        raise DataError(
+            f"{path}: {dicom_object_kind(headers[0][1])[1]}; a label object is read onto its image's grid "
+            "(a datalist label next to its image, or pipeline.readers.read_label(path, image))"
+        )
     if not headers or "Rows" not in headers[0][1] or "Columns" not in headers[0][1]:
         # Not handed to SimpleITK to guess: on a damaged header GDCM can allocate gigabytes first.
         raise DataError(f"{path}: not a readable DICOM image (its header does not parse, or has no Rows/Columns)")
@@ -1366,10 +1381,15 @@ def _read_sitk(reader: SimpleITKReader, path: str) -> tuple[np.ndarray, np.ndarr
 
 
 # --------------------------------------------------------------------------------------------
-# RT structure sets: contours onto a series' grid
+# DICOM label objects (RT structure sets, DICOM SEG) onto their series' grid
 # --------------------------------------------------------------------------------------------
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_OBJECT_KINDS = ("segmentation", "rtstruct")  # dicom_object_kind's kinds for label objects
+# A datalist entry key (set by pipeline.data for DICOM labels, popped by LoadVolumed): the datalist's
+# class names -> values, through which a SEG's segment labels / an RTSTRUCT's ROI names become classes.
+LABEL_CLASSES_KEY = "label_classes"
 
 
 def dicom_volume_affine(volume: DicomVolume) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -1475,3 +1495,201 @@ def read_rtstruct(
             inside[low[0]:high[0] + 1, low[1]:high[1] + 1, int(round(k))] ^= hit
         mask[inside] = classes[number]
     return mask, affine, {k: rois[number] for number, k in classes.items()}
+
+
+def _label_header(path: str | os.PathLike) -> Any:
+    """The header (no pixels) of a DICOM SEG or RTSTRUCT file; DataError naming it otherwise."""
+    import pydicom
+
+    try:
+        with _quiet_pydicom():
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from err
+    if str(header.get("SOPClassUID", "")) not in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
+        raise DataError(f"{path}: not a DICOM SEG or RT structure set (SOP class {header.get('SOPClassUID', '?')})")
+    return header
+
+
+def dicom_label_kind(path: str | os.PathLike) -> str | None:
+    """``"segmentation"`` (DICOM SEG) or ``"rtstruct"`` when ``path`` is such a file, else None.
+
+    Cheap for other paths: folders, series references and volume files (``.nii.gz``...) are
+    answered from the name; a DICOM file by its SOPClassUID alone.
+    """
+    text = os.fspath(path)
+    if is_series_reference(text) or not Path(text).is_file() or not is_dicom_file(text):
+        return None
+    import pydicom
+
+    try:
+        with _quiet_pydicom():
+            header = pydicom.dcmread(text, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - not a readable label object; the image reader names the problem
+        return None
+    return {SEG_SOP_CLASS: "segmentation", RTSTRUCT_SOP_CLASS: "rtstruct"}.get(str(header.get("SOPClassUID", "")))
+
+
+def label_object_names(path_or_header: Any) -> list[str]:
+    """A SEG's segment labels (by segment number) or an RTSTRUCT's ROI names (in file order)."""
+    header = _label_header(path_or_header) if isinstance(path_or_header, (str, os.PathLike)) else path_or_header
+    if str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+        segments = sorted(header.get("SegmentSequence", []), key=lambda item: int(item.SegmentNumber))
+        return [str(item.get("SegmentLabel", f"segment_{item.SegmentNumber}")) for item in segments]
+    return [str(item.ROIName) for item in header.get("StructureSetROISequence", [])]
+
+
+def label_object_references(path_or_header: Any) -> set[str]:
+    """The SeriesInstanceUIDs a SEG (ReferencedSeriesSequence) or an RTSTRUCT (its frame of
+    reference's RTReferencedSeriesSequence) says it was drawn on; empty when it does not say."""
+    header = _label_header(path_or_header) if isinstance(path_or_header, (str, os.PathLike)) else path_or_header
+    if str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+        return {str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item}
+    return {
+        str(series.SeriesInstanceUID)
+        for frame in header.get("ReferencedFrameOfReferenceSequence", [])
+        for study in frame.get("RTReferencedStudySequence", [])
+        for series in study.get("RTReferencedSeriesSequence", [])
+        if "SeriesInstanceUID" in series
+    }
+
+
+def _class_values(path: str, kind: str, names: list[str], classes: dict[str, int] | None) -> dict[str, int]:
+    """Segment label / ROI name -> class value: through ``classes`` (the datalist's class names,
+    compared case-insensitively), else the k-th name -> k. An unknown name is a DataError."""
+    if classes is None:
+        values: dict[str, int] = {}
+        for name in names:
+            values.setdefault(name, len(values) + 1)
+        return values
+    lower = {str(name).lower(): int(value) for name, value in classes.items()}
+    unknown = [name for name in names if name.lower() not in lower]
+    if unknown:
+        what = "segment label(s)" if kind == "segmentation" else "ROI name(s)"
+        raise DataError(
+            f"{path}: {what} {', '.join(repr(n) for n in unknown)} not among the datalist's labels "
+            f"({', '.join(repr(n) for n in classes)}); rename them, or add them to 'labels' (compared case-insensitively)"
+        )
+    return {name: lower[name.lower()] for name in names}
+
+
+def read_label_object(
+    path: str | os.PathLike, image: str | os.PathLike | None, classes: dict[str, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM SEG or RTSTRUCT as a class map on its image's grid.
+
+    Args:
+        path: the SEG / RT structure set file.
+        image: the series it labels (a folder or a series reference), read as :func:`read_volume` would.
+        classes: class name -> value (the datalist's ``labels``); each segment label / ROI name must
+            be one of them (case-insensitive). Default: the k-th segment / ROI is class k.
+
+    Returns:
+        ``(mask, affine)``: uint8/uint16 ``(i, j, k)`` on the image's grid, its 4x4 RAS affine.
+
+    Raises:
+        DataError naming the file: not a label object, an image that is no DICOM series, a label
+        that references another series (both UIDs named), an unknown name, frames off the grid.
+    """
+    path = os.fspath(path)
+    header = _label_header(path)
+    kind = "segmentation" if str(header.SOPClassUID) == SEG_SOP_CLASS else "rtstruct"
+    what = "DICOM SEG" if kind == "segmentation" else "RTSTRUCT"
+    if image is None or not (Path(image).is_dir() or is_series_reference(image)):
+        raise DataError(f"{path}: a {what} label is read onto its image's DICOM series; its image {image} is not a DICOM series")
+    volume, _ = resolve_dicom_volume(image)
+    referenced = label_object_references(header)
+    if referenced and volume.series_uid not in referenced:
+        raise DataError(
+            f"{path}: the {what} references series {', '.join(sorted(referenced))}, but its image {image} is series "
+            f"{volume.series_uid}; is it the label of another series?"
+        )
+    values = _class_values(path, kind, label_object_names(header), classes)
+    if kind == "rtstruct":
+        mask, affine, _ = read_rtstruct(path, image, values)
+        return mask, affine
+    return _read_seg(path, volume, str(image), values)
+
+
+def _read_seg(path: str, volume: DicomVolume, image: str, values: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Place a SEG's frames on ``volume``'s grid by their own positions (any frame order, empty
+    frames left out, a missing slice's grid too); a frame that lies off the grid is an error."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise DataError(f"{path}: reading a DICOM SEG needs highdicom (pip install 'unetpp-pipeline[dicom-seg]')") from None
+    try:
+        with _quiet_pydicom():
+            seg = hd.seg.segread(path)
+            frames = np.asarray(seg.pixel_array)
+    except Exception as err:  # highdicom/pydicom raise many types for a damaged SEG
+        raise DataError(f"{path}: not a readable DICOM SEG ({type(err).__name__}: {_first_line(err)})") from err
+    frames = frames[None] if frames.ndim == 2 else frames  # (frames, rows, columns)
+    if str(seg.SegmentationType) == "FRACTIONAL":
+        frames = frames >= 0.5 * float(seg.MaximumFractionalValue)
+    shape, affine = dicom_volume_affine(volume)
+    to_voxel = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)  # LPS mm -> (i, j, k)
+    number_to_name = {int(item.SegmentNumber): label for item, label in
+                      zip(sorted(seg.SegmentSequence, key=lambda item: int(item.SegmentNumber)), label_object_names(seg))}
+    expected = np.concatenate([volume.direction[:, 0], volume.direction[:, 1]])
+    mask = np.zeros(shape, dtype=np.uint8 if max(values.values(), default=0) < 256 else np.uint16)
+    for index, (plane, group) in enumerate(zip(dicom_slices(path, seg), seg.PerFrameFunctionalGroupsSequence)):
+        if plane.position is None or plane.orientation is None:
+            raise DataError(f"{path}: frame {index + 1} has no plane position/orientation to place it by")
+        spacing = plane.pixel_spacing or (volume.spacing[1], volume.spacing[0])
+        if np.abs(plane.orientation - expected).max() > 1e-3 or not np.allclose(spacing, (volume.spacing[1], volume.spacing[0]), rtol=1e-3):
+            raise DataError(f"{path}: frame {index + 1} is not in the plane orientation and pixel spacing of {image}")
+        corner = (to_voxel @ np.r_[plane.position, 1.0])[:3]
+        start = np.round(corner).astype(int)
+        rows, columns = frames[index].shape
+        if np.abs(corner - start).max() > 0.1 or start.min() < 0 or start[0] + columns > shape[0] or start[1] + rows > shape[1] or start[2] >= shape[2]:
+            raise DataError(
+                f"{path}: frame {index + 1} lies off the grid of {image} (at voxel {np.round(corner, 2).tolist()}); "
+                "was it drawn on another series, or on a series read with corrected geometry (gantry tilt)?"
+            )
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        window = mask[start[0]:start[0] + columns, start[1]:start[1] + rows, start[2]]
+        window[frames[index].T > 0] = values[number_to_name[number]]  # later segments win where they overlap
+    return mask, affine
+
+
+def read_label(
+    path: str | os.PathLike, image: str | os.PathLike | None = None, classes: dict[str, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A datalist label as ``(array, affine)``: a DICOM SEG / RTSTRUCT onto ``image``'s grid
+    (:func:`read_label_object`), any other file or folder as :func:`read_volume` reads it."""
+    if dicom_label_kind(path):
+        return read_label_object(path, image, classes)
+    return read_volume(path)
+
+
+class DicomLabelReader(ImageReader):
+    """MONAI reader for one DICOM SEG / RTSTRUCT label, on the grid of ``image`` (a series folder or
+    reference), class values from ``classes`` (see :func:`read_label_object`). Metadata as
+    :class:`SimpleITKReader`'s, so that a label object and a NIfTI label go through the same chain."""
+
+    def __init__(self, image: str | os.PathLike | None, classes: dict[str, int] | None = None):
+        super().__init__()
+        self.image, self.classes = image, classes
+
+    def verify_suffix(self, filename) -> bool:
+        return all(dicom_label_kind(f) for f in ensure_tuple(filename))
+
+    def read(self, data, **kwargs) -> str:
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise DataError(f"{names}: a DICOM label object is one file, not a list of channels")
+        return os.fspath(names[0])
+
+    def get_data(self, img: str) -> tuple[np.ndarray, dict]:
+        mask, affine = read_label_object(img, self.image, self.classes)
+        meta = {
+            "spacing": np.linalg.norm(affine[:3, :3], axis=0),
+            MetaKeys.ORIGINAL_AFFINE: affine,
+            MetaKeys.AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(mask.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            "filename_or_obj": img,
+        }
+        return mask, meta

@@ -57,6 +57,7 @@ slices along one axis, ``noise``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,15 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from pipeline.readers import DataError, GuardedNibabelReader, SimpleITKReader, is_nifti
+from pipeline.readers import (
+    LABEL_CLASSES_KEY,
+    DataError,
+    DicomLabelReader,
+    GuardedNibabelReader,
+    SimpleITKReader,
+    dicom_label_kind,
+    is_nifti,
+)
 
 __all__ = [
     "PRESETS",
@@ -145,10 +154,18 @@ class LoadVolumed(MapTransform):
     folder holding two DICOM series would then fall through to ``PydicomReader``, which
     stacks by instance number); choosing the reader by path keeps our clear errors.
     A value may be a list of paths (channels, e.g. nnU-Net ``_0000``/``_0001`` files).
+
+    A DICOM SEG or RTSTRUCT label is read onto the grid of the entry's ``image_key`` series, its
+    segment labels / ROI names mapped to classes through the entry's ``label_classes`` (the
+    datalist's ``labels``, set by :func:`pipeline.data.load_datalist`; popped here, so that it
+    travels no further): see :func:`pipeline.readers.read_label_object`.
     """
 
-    def __init__(self, keys, series_uid: str | None = None, dtype=np.float32, allow_missing_keys: bool = False):
+    def __init__(
+        self, keys, series_uid: str | None = None, dtype=np.float32, allow_missing_keys: bool = False, image_key: str = "image"
+    ):
         super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
         with warnings.catch_warnings():
             # LoadImage also builds MONAI's default readers; their optional GPU codec warns on CPU machines
             warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
@@ -158,10 +175,13 @@ class LoadVolumed(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
+        classes = d.pop(LABEL_CLASSES_KEY, None)
         for key in self.key_iterator(d):
             paths = d[key]
             first = str(paths[0] if isinstance(paths, (list, tuple)) else paths)
             reader = self.nibabel if is_nifti(first) else self.sitk
+            if key != self.image_key and isinstance(paths, (str, os.PathLike)) and dicom_label_kind(paths):
+                reader = DicomLabelReader(self._image_path(data), classes)
             try:
                 image = self.loader(paths, reader)
             except DataError:
@@ -173,6 +193,15 @@ class LoadVolumed(MapTransform):
                 image.meta = {k: v for k, v in image.meta.items() if k in META_KEEP}
             d[key] = image
         return d
+
+    def _image_path(self, data) -> str | None:
+        """The entry's image path (the first channel's), also when it is loaded already."""
+        image = data.get(self.image_key)
+        if isinstance(image, MetaTensor):
+            image = image.meta.get("filename_or_obj")
+        if isinstance(image, (list, tuple)):
+            image = image[0] if image else None
+        return None if image is None else str(image)
 
 
 class EnsureVolumed(MapTransform):

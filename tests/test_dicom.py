@@ -660,7 +660,8 @@ def test_datalist_build_patient_folders(tmp_path):
         ("label_without_image", r"p4/: a label \(p4/label.nii.gz\) but no image"),
         ("two_labels", r"p1/: 2 label files"),
         ("labels_tr_orphan", r"labelsTr: 1 label\(s\) without an image of the same name: .*orphan.nii.gz"),
-        ("rtstruct_label", r"p1/: the label is a DICOM RTSTRUCT object"),
+        # pydicom's real RTSTRUCT was drawn on another series than p1's CT: listed, it would mislabel p1
+        ("rtstruct_of_another_series", r"p1/: the label p1/RT/RS0001 references series .* but the image p1/CT/ is series"),
     ],
 )
 def test_datalist_build_never_drops_a_label_silently(tmp_path, layout, message):
