@@ -146,6 +146,8 @@ class _PreprocessedCases(torch.utils.data.Dataset):
         try:
             data = self.preprocessing({"image": case.image})
             self._check(case, data["image"])
+            # for the empty-mask warning, here: the main process drops the voxels after the network
+            data[CONSTANT_KEY] = float(torch.as_tensor(data["image"]).float().std()) == 0.0
         except Exception as err:  # noqa: BLE001 - any failure of one case is reported, not raised
             return {"index": index, "error": _reason("read", err), "read_s": time.perf_counter() - start}
         return {"index": index, "data": data, "error": None, "read_s": time.perf_counter() - start}
@@ -204,17 +206,88 @@ class _Progress:
             self.bar.close()
 
 
+# Inverses that only move, crop or pad voxels, never interpolate: a mask discretised on the
+# working grid and then inverted equals the mask of the inverted probabilities voxel for voxel
+# (the padding, probability 0 in every channel, is background either way).
+INDEX_ONLY_OPS = frozenset(
+    {"Orientation", "CropForeground", "SpatialCrop", "CenterSpatialCrop", "Crop", "SpatialPad", "BorderPad", "DivisiblePad", "Pad", "Flip", "Rotate90"}
+)
+CONSTANT_KEY = "image_is_constant"  # set by the reader: every voxel of the preprocessed image equal
+SLAB_VOXELS = 1 << 23  # voxels per slab when discretising (8 Mi: 32 MB of float32 per channel)
+
+
+def _discretise_first(postprocessing, image) -> tuple | None:
+    """``(activation, invert, match_dims, discrete, rest)`` of ``postprocessing`` when its
+    discretisation may run before its inversion, i.e. it starts with the chain of
+    :func:`pipeline.transforms.postprocessing` (activation, ``Invertd``, ``MatchInputDimsd``,
+    threshold or argmax) and every operation ``image`` went through inverts by moving voxels
+    (:data:`INDEX_ONLY_OPS`: no ``Spacingd``). Else None: the bundle's chain runs as it is.
+    """
+    from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
+
+    from pipeline.transforms import MatchInputDimsd
+
+    transforms = list(postprocessing.transforms) if isinstance(postprocessing, Compose) else []
+    if len(transforms) < 4:
+        return None
+    act, invert, match, discrete = transforms[:4]
+    types = (Activationsd, Invertd, MatchInputDimsd, AsDiscreted)
+    if not all(isinstance(t, k) for t, k in zip(transforms, types)) or any(list(t.keys) != ["pred"] for t in transforms[:4]):
+        return None
+    if list(invert.orig_keys) != ["image"] or discrete.to_onehot[0] is not None or discrete.rounding[0] is not None:
+        return None
+    if not (discrete.argmax[0] or discrete.threshold[0] is not None):
+        return None
+    ops = getattr(image, "applied_operations", None)
+    if ops is None or any(op.get("class") not in INDEX_ONLY_OPS or op.get("lazy") for op in ops):
+        return None
+    return act, invert, match, discrete, Compose(transforms[4:])
+
+
+def _discretise(activation, discrete, logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``(C, *spatial)`` -> class values ``(1 or C, *spatial)`` as uint8 (int32 above 256
+    classes), activation and discretisation by slabs of the first spatial axis: one float32 slab at a time
+    instead of whole-volume probabilities and their float32 mask."""
+    dtype = torch.uint8 if logits.shape[0] <= 256 else torch.int32
+    per_row = max(1, int(np.prod(logits.shape[2:], dtype=np.int64)) * logits.shape[0])
+    step = max(1, SLAB_VOXELS // per_row)
+    out = None
+    for start in range(0, logits.shape[1], step):
+        # contiguous, like the whole tensor, so the same (vectorised) kernels run on every voxel
+        piece = logits[:, start : start + step].contiguous()
+        values = discrete({"pred": activation({"pred": piece})["pred"]})["pred"]
+        if out is None:
+            out = torch.empty((values.shape[0], *logits.shape[1:]), dtype=dtype)
+        out[:, start : start + step] = torch.as_tensor(values)  # exact: integral class values
+    return out
+
+
 def mask_on_input_grid(bundle: LoadedBundle, data: dict, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Postprocess ``logits`` ``(C, *spatial)`` back onto the input's grid.
 
     Returns ``(mask, affine)``: class values with exactly the input's shape (uint8, or uint16
     for more than 255 classes) and the input's 4x4 affine. Raises when the bundle's
     postprocessing does not invert to the input grid.
+
+    Memory: when the preprocessing inverts by moving voxels only (crop, orientation; no
+    resampling), the mask is discretised on the working grid slab by slab and the uint8 class
+    map is inverted (:func:`_discretise_first`), the same mask as the bundle's chain, which
+    inverts float32 probabilities (C float32 arrays of the input's size, then their float32
+    mask). Otherwise the bundle's chain runs as it is.
     """
     image = data["image"]
     affine = np.asarray(image.meta["original_affine"], dtype=float)
     shape = tuple(int(s) for s in np.atleast_1d(np.asarray(image.meta["spatial_shape"])))
-    pred = bundle.postprocessing({**data, "pred": logits})["pred"]
+    chain = _discretise_first(bundle.postprocessing, image)
+    if chain is None:
+        pred = bundle.postprocessing({**data, "pred": logits})["pred"]
+    else:
+        from monai.data import MetaTensor
+
+        activation, invert, match, discrete, rest = chain
+        # a MetaTensor, so that Invertd reads the trace from data["image"], as for the activation's output
+        pred = MetaTensor(_discretise(activation, discrete, logits))
+        pred = rest(match(invert({**data, "pred": pred})))["pred"]
     mask = torch.as_tensor(pred).detach().cpu().numpy()
     if mask.ndim == len(shape) + 1:
         mask = mask[0]
@@ -223,7 +296,9 @@ def mask_on_input_grid(bundle: LoadedBundle, data: dict, logits: torch.Tensor) -
     inverted_affine = getattr(pred, "affine", None)
     if inverted_affine is not None and not np.allclose(np.asarray(inverted_affine, dtype=float), affine, atol=1e-3):
         raise RuntimeError("inverted mask's affine differs from the input's (postprocessing must invert to the input grid)")
-    return np.rint(mask).astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16), affine
+    if not np.issubdtype(mask.dtype, np.integer):
+        mask = np.rint(mask)
+    return mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16, copy=False), affine
 
 
 class _CaseWriter:
@@ -275,7 +350,7 @@ class _CaseWriter:
             if notes:
                 row["notes"] = "; ".join(notes)
             # geometry corrections the reader made (a resampled tilt or missing slice), then empty results
-            warnings = list(case.notes) + _warnings(data["image"], mask, self.bundle.class_names)
+            warnings = list(case.notes) + _warnings(data.get(CONSTANT_KEY, False), mask, self.bundle.class_names)
             if warnings:
                 row["warnings"] = warnings
             return write_record(self.out, row, finals, temps, self.options.overwrite)
@@ -294,9 +369,9 @@ class _CaseWriter:
         return row
 
 
-def _warnings(image: torch.Tensor, mask: np.ndarray, class_names: dict[int, str]) -> list[str]:
+def _warnings(constant_image: bool, mask: np.ndarray, class_names: dict[int, str]) -> list[str]:
     """What a reader of the summary must not miss although the case is done: empty results."""
-    if mask.any() or float(torch.as_tensor(image).float().std()) == 0.0:
+    if mask.any() or constant_image:
         return []
     return [f"empty mask: no {'/'.join(class_names.values())} voxel predicted in a non-empty image"]
 
@@ -355,6 +430,15 @@ def _predict(bundle: LoadedBundle, inferer, data: dict) -> torch.Tensor:
         logits = inferer(batch, bundle.network)
     del batch
     return logits[0].float().cpu()
+
+
+def _trace_only(image):
+    """``image`` (a MetaTensor) without its voxels: its meta and trace, all the inversion reads."""
+    from monai.data import MetaTensor
+
+    if not isinstance(image, MetaTensor):
+        return image
+    return MetaTensor(torch.empty(0, dtype=image.dtype), meta=image.meta, applied_operations=image.applied_operations)
 
 
 def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str) -> dict:
@@ -439,6 +523,8 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
             continue
         timings["infer_s"] = time.perf_counter() - tick
         network_s += timings["infer_s"]
+        # Free the preprocessed volume (float32, shared with the reader) before the inversion allocates.
+        item["data"]["image"] = _trace_only(item["data"]["image"])
         pending.append(pool.submit(writer, case, item["data"], logits, timings))
         del logits, item
         harvest(MAX_WRITES_IN_FLIGHT)
