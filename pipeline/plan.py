@@ -53,7 +53,7 @@ import numpy as np
 
 from pipeline.data import load_datalist
 from pipeline.fileio import atomic_write_text, read_json
-from pipeline.readers import DataError, input_files, read_volume
+from pipeline.readers import DataError, input_files, read_label, read_volume
 
 __all__ = [
     "ANISOTROPY",
@@ -152,8 +152,9 @@ def fingerprint(
     spacings, shapes, orientations, samples, volumes = [], [], Counter(), [], {}
     found_classes: set[int] = set()
     for entry in entries:
-        image, affine = read_volume(entry["image"] if isinstance(entry["image"], str) else entry["image"][0])
-        label, _ = read_volume(entry["label"])
+        first = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
+        image, affine = read_volume(first)
+        label, _ = read_label(entry["label"], first, entry.get("label_classes"))  # a SEG / RTSTRUCT onto its image
         image = image[..., 0] if image.ndim == label.ndim + 1 else image  # the first channel of a multi-channel image
         if image.shape != label.shape:
             raise DataError(f"{entry['image']}: shape {image.shape} differs from its label's {label.shape}")

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from pipeline.bundle_sync import dumps
-from pipeline.data import load_datalist
+from pipeline.data import label_classes, load_datalist
 from pipeline.fileio import atomic_write_text, read_json
 from pipeline.readers import DataError, list_images
 
@@ -133,8 +133,11 @@ def check_settings(current: Mapping[str, Any] | None, weights: str | os.PathLike
 
 def datalist_labels(datalist: str | os.PathLike) -> dict[str, str] | None:
     """The datalist's ``labels`` (class value -> name, as in MSD ``dataset.json``), if it has them."""
-    labels = (read_json(datalist, missing_ok=True) or {}).get(LABELS) if os.path.isfile(datalist) else None
-    return {str(key): str(name) for key, name in labels.items()} if isinstance(labels, dict) else None
+    content = read_json(datalist, missing_ok=True) if os.path.isfile(datalist) else None
+    if not isinstance(content, dict) or not isinstance(content.get(LABELS), dict):
+        return None
+    # MSD's {"1": "liver"} and nnU-Net v2's {"liver": 1} both become {"1": "liver"}
+    return {str(value): name for name, value in label_classes(content).items()}
 
 
 def _rank() -> int:

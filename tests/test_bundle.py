@@ -527,3 +527,12 @@ def test_inference_config_builds_the_network_prune_recorded(name, tmp_path):
         assert (network.mode, network.prune_level) == expected
         if recorded["mode"] == "accurate":
             assert network.head_weights.tolist() == pytest.approx([0, 0.25, 0.75, 0])
+
+
+@pytest.mark.parametrize("labels", [{"0": "background", "1": "liver"}, {"background": 0, "liver": 1}])
+def test_settings_record_class_names_from_msd_and_nnunet_label_maps(labels, tmp_path):
+    from pipeline.settings import datalist_labels
+
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"labels": labels, "training": []}))
+    assert datalist_labels(path) == {"0": "background", "1": "liver"}
