@@ -24,8 +24,11 @@ Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIf
   Target: ``batch_over_network`` <= 1.15.
 * ``memory_ct``: one ``--ct-shape`` int16 CT volume (512x512x200 by default) segmented by the
   command in a subprocess, fp32 on CPU; peak proportional set size (PSS, shared pages counted
-  once) summed over the process and its reader worker, sampled every 0.25 s, and the largest
-  single-process max RSS from ``getrusage``. Target: under 3 GB.
+  once) summed over the process and its reader worker, and the largest single-process peak RSS
+  (``VmHWM``), both sampled every 0.25 s. Target (issue 13): both under 2.5 GB. The child's
+  ``getrusage`` max RSS (``ru_maxrss_gb``) is reported too but is no measure of the command: Linux
+  carries the forking process's high-water mark over fork and exec, i.e. this benchmark's own
+  (about 2.6 GB after generating the CT volume in float64).
 * ``bf16``: the same batch with ``--precision bf16``: pure-network and batch speed ratios
   (fp32 time / bf16 time; above 1 = bf16 faster) and the Dice agreement of each case's bf16 mask
   with its fp32 mask. Target: Dice >= 0.99.
@@ -68,6 +71,7 @@ from pipeline.nets import UNetPlusPlus  # noqa: E402
 from pipeline.segment.run import apply_thread_count, available_cores, native_bf16  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "unetpp_3d_seg"
+TARGET_GB = 2.5  # issue 13: peak memory of segment on a 512x512x200 CT in fp32
 FULL = {"features": [16, 32, 64, 128], "depth": 3, "roi": [96, 96, 96], "shape": [192, 192, 96], "ct_shape": [512, 512, 200], "train_steps": 40, "patch": 32}
 QUICK = {"features": [4, 8, 16], "depth": 2, "roi": [32, 32, 32], "shape": [48, 48, 40], "ct_shape": [96, 96, 40], "train_steps": 5, "patch": 32}
 
@@ -200,6 +204,21 @@ def _pss(pids: set[int]) -> int:
     return total
 
 
+def _hwm(pids: set[int]) -> int:
+    """The largest peak resident set size (``VmHWM``, bytes) among ``pids``."""
+    peak = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+                        break
+        except OSError:
+            continue
+    return peak
+
+
 def ct_volume(shape, path: Path) -> None:
     """An int16 CT-like volume: air, an elliptic body of soft tissue with bright and dark blobs."""
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
@@ -226,7 +245,7 @@ def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32")
     start = time.perf_counter()
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    peak, finished = [0], threading.Event()
+    peak, hwm, finished = [0], [0], threading.Event()
 
     def sample():
         # Light sampling (smaps_rollup walks page tables): the sampler must not slow the run down.
@@ -235,12 +254,13 @@ def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32")
             if time.monotonic() - refreshed > 2.0:
                 pids, refreshed = _process_tree(process.pid), time.monotonic()
             peak[0] = max(peak[0], _pss(pids))
+            hwm[0] = max(hwm[0], _hwm(pids))
             finished.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    # wait4: this child's own rusage, whose max RSS covers it and its reaped reader worker (not the
-    # workers this benchmark process forked itself, which RUSAGE_CHILDREN would also count).
+    # wait4: this child's own rusage (its reaped reader worker included); its max RSS starts from
+    # this process's own high-water mark, carried over fork and exec, hence the sampled VmHWM.
     _, status, usage = os.wait4(process.pid, 0)
     finished.set()
     sampler.join()
@@ -255,11 +275,12 @@ def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32")
         "dtype": "int16 on disk, float32 in the pipeline",
         "precision": precision,
         "peak_pss_gb_process_tree": round(peak[0] / 1e9, 3),
-        "peak_rss_gb_largest_process": round(max_rss / 1e9, 3),
+        "peak_rss_gb_largest_process": round(hwm[0] / 1e9, 3),
+        "ru_maxrss_gb": round(max_rss / 1e9, 3),
         "command_wall_s": round(wall, 1),
         "timings": row["timings"],
-        "target_gb": 3.0,
-        "meets_target": peak[0] / 1e9 < 3.0 and max_rss / 1e9 < 3.0,
+        "target_gb": TARGET_GB,
+        "meets_target": peak[0] / 1e9 < TARGET_GB and hwm[0] / 1e9 < TARGET_GB,
     }
 
 
