@@ -199,17 +199,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# the main job's data: the MNI152 brain split into axial slabs, and a simulated second site
+# the main job's data: the MNI152 brain split into hemispheres, and a simulated second site
 # --------------------------------------------------------------------------------------------
 
 MNI_SLABS = "mni_slabs"
-# axial (RAS z) slice ranges of the 2 mm volume (94 slices; the brain fills 0..77): training
-# below and above, validation and test held out in between, never seen in training
-MNI_SLAB_RANGES = {
-    "train_inferior": (0, 34),
-    "validation": (34, 44),
-    "test": (44, 60),
-    "train_superior": (60, 94),
+# voxel boxes ((x0, x1), (z0, z1)) of the 2 mm volume (98 columns from left to right, the midline
+# near 49; 94 slices, the brain fills 0..77). Training: the left hemisphere below z 64; validation:
+# the top of the left hemisphere; test: the right hemisphere, never seen in training or model
+# selection (the halves mirror each other as two subjects' brains resemble each other, with a
+# 6-column gap at the midline). Every tissue class lies in each box.
+MNI_SLAB_BOXES = {
+    "train": ((0, 46), (0, 64)),
+    "validation": ((0, 46), (64, 94)),
+    "test": ((52, 98), (0, 94)),
 }
 
 
@@ -236,36 +238,35 @@ def mni_slabs_datalist() -> dict:
 
     return {
         "name": "mni152_tissue_slabs",
-        "description": "MNI152 2009c T1 (nilearn package data) at 2 mm, 4-class tissue label, split into axial slabs: "
-        f"training slices {MNI_SLAB_RANGES['train_inferior']} and {MNI_SLAB_RANGES['train_superior']}, validation "
-        f"{MNI_SLAB_RANGES['validation']}, test {MNI_SLAB_RANGES['test']} (held out), the test slab once as acquired "
+        "description": "MNI152 2009c T1 (nilearn package data) at 2 mm, 4-class tissue label, split into "
+        f"voxel boxes ((x0, x1), (z0, z1)): training {MNI_SLAB_BOXES['train']} (left hemisphere), validation "
+        f"{MNI_SLAB_BOXES['validation']} (its top), test {MNI_SLAB_BOXES['test']} (right hemisphere, held out), once as acquired "
         "and once as a simulated second site (bias field, gamma, scale, noisy air, stored LPS)",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
         "labels": dict(MNI_LABELS),
-        "training": [case("mni_train_inferior"), case("mni_train_superior")],
+        "training": [case("mni_train")],
         "validation": [case("mni_validation")],
         "test": [case("mni_test_site_a"), case("mni_test_site_b")],
     }
 
 
 def write_mni_slabs(out_dir, seed: int = 0) -> dict:
-    """Write the main job's data: the 2 mm MNI152 T1 and tissue label cut into axial slabs.
+    """Write the main job's data: the 2 mm MNI152 T1 and tissue label cut into sagittal slabs.
 
-    Training sees the slabs below and above a held-out middle part; validation and test are
-    slabs from that part. The test slab is written twice: as acquired (``site_a``) and as a
+    Training sees the left hemisphere, validation its top, test the right hemisphere (see
+    :data:`MNI_SLAB_BOXES`). The test slab is written twice: as acquired (``site_a``) and as a
     simulated second scanner (``site_b``, see :func:`_second_site`, stored LPS so orientation
     and inversion are exercised). Returns ``{"dataset_dir", "datalist", "files"}``.
     """
     out = Path(out_dir)
     t1, tissue, affine = mni_tissue_volumes()
     cases = {}
-    for part, (start, stop) in MNI_SLAB_RANGES.items():
+    for part, ((x0, x1), (z0, z1)) in MNI_SLAB_BOXES.items():
         shifted = affine.copy()
-        shifted[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, start]) + affine[:3, 3]
-        cases[part] = (t1[:, :, start:stop], tissue[:, :, start:stop], shifted)
-    names = {"train_inferior": "mni_train_inferior", "train_superior": "mni_train_superior",
-             "validation": "mni_validation", "test": "mni_test_site_a"}  # fmt: skip
+        shifted[:3, 3] = affine[:3, :3] @ np.array([x0, 0.0, z0]) + affine[:3, 3]
+        cases[part] = (t1[x0:x1, :, z0:z1], tissue[x0:x1, :, z0:z1], shifted)
+    names = {"train": "mni_train", "validation": "mni_validation", "test": "mni_test_site_a"}
     written = []
     for part, name in names.items():
         image, label, slab_affine = cases[part]
