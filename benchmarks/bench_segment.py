@@ -38,6 +38,7 @@ Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIf
   FLOP share (one window, ``torch.utils.flop_counter``) and the ratio of the two (issue 13's
   target: at most 1.2 end to end), and each level's mask Dice against the truth.
   ``--skip-levels`` leaves it out.
+  ``--levels-only`` runs just this section.
 * ``memory_ct`` is measured in fp32 and, with ``--memory-bf16``, in bf16 too (``memory_ct_bf16``).
 """
 
@@ -295,6 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-memory", action="store_true", help="skip the CT-volume memory run")
     parser.add_argument("--memory-only", action="store_true", help="only the CT-volume memory run")
     parser.add_argument("--skip-levels", action="store_true", help="skip the per-level (L1..L_depth, accurate) batches")
+    parser.add_argument("--levels-only", action="store_true", help="only the per-level batches (fp32), no bf16 or memory runs")
     parser.add_argument("--memory-bf16", action="store_true", help="also measure the CT-volume memory run in bf16")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -329,6 +331,9 @@ def main(argv=None) -> int:
             return finish(report, args)
         bundle = segment.load_bundle(BUNDLE, overrides=override_dict(size), checkpoint=str(checkpoint), device="cpu")
         cases = segment.discover_cases(data)
+        if args.levels_only:
+            report["levels"] = levels(size, common, cases, truth, bundle, work)
+            return finish(report, args)
         images = [bundle.preprocessing({"image": case.image})["image"] for case in cases]
         network_only(bundle, images[:1], "fp32")  # warm-up (oneDNN kernels, allocator)
 
