@@ -273,7 +273,7 @@ def _mni_job(args: argparse.Namespace) -> int:
             "[3/6] train", monai_run + ["configs/train.json"], out / "logs" / "train.log", cwd=bundle, relay=EPOCH_LINE
         )
         timings["evaluate"] = _run(
-            "[4/6] evaluate on the test slabs",
+            "[4/6] evaluate on the test cases",
             monai_run + ["['configs/train.json','configs/evaluate.json']"],
             out / "logs" / "evaluate.log",
             cwd=bundle,
