@@ -222,3 +222,15 @@ def test_segment_pseudonymises_dicom_inputs_by_default(patients, tmp_path, check
     assert not (tmp_path / "named" / "phi_map.csv").exists()
     with pytest.raises(SystemExit):
         run_segment(checkpoint, root / "p1" / "CT", tmp_path / "both", "--show-phi", "--pseudonymise")
+
+
+def test_plan_fingerprints_seg_and_rtstruct_labels_on_their_images(patients, tmp_path):
+    """``plan`` reads hospital label objects as training does: class volumes from the rasterised masks."""
+    from pipeline.data import build_datalist
+    from pipeline.plan import fingerprint
+
+    root, _ = patients
+    datalist = write_datalist(tmp_path / "hospital.json", build_datalist(root))
+    found = fingerprint(datalist, root)
+    assert found["classes"] == [1, 2] and found["cases"] == 2
+    assert {name: volume["cases"] for name, volume in found["class_volumes_ml"].items()} == {"SOFT TISSUE": 2, "Bone": 2}
