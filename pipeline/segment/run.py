@@ -216,13 +216,10 @@ CONSTANT_KEY = "image_is_constant"  # set by the reader: every voxel of the prep
 SLAB_VOXELS = 1 << 23  # voxels per slab when discretising (8 Mi: 32 MB of float32 per channel)
 
 
-def _discretise_first(postprocessing, image) -> tuple | None:
-    """``(activation, invert, match_dims, discrete, rest)`` of ``postprocessing`` when its
-    discretisation may run before its inversion, i.e. it starts with the chain of
-    :func:`pipeline.transforms.postprocessing` (activation, ``Invertd``, ``MatchInputDimsd``,
-    threshold or argmax) and every operation ``image`` went through inverts by moving voxels
-    (:data:`INDEX_ONLY_OPS`: no ``Spacingd``). Else None: the bundle's chain runs as it is.
-    """
+def _chain_parts(postprocessing) -> tuple | None:
+    """``(activation, invert, match, discrete, rest)`` when ``postprocessing`` starts with the chain of
+    :func:`pipeline.transforms.postprocessing` (activation, ``Invertd``, ``MatchInputDimsd``, threshold
+    or argmax, all on ``pred``), else None."""
     from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 
     from pipeline.transforms import MatchInputDimsd
@@ -238,10 +235,21 @@ def _discretise_first(postprocessing, image) -> tuple | None:
         return None
     if not (discrete.argmax[0] or discrete.threshold[0] is not None):
         return None
-    ops = getattr(image, "applied_operations", None)
-    if ops is None or any(op.get("class") not in INDEX_ONLY_OPS or op.get("lazy") for op in ops):
-        return None
     return act, invert, match, discrete, Compose(transforms[4:])
+
+
+def _discretise_first(postprocessing, image) -> tuple | None:
+    """``(activation, invert, match, discrete, rest)`` of ``postprocessing`` when its
+    discretisation may run before its inversion, i.e. it starts with the chain of
+    :func:`pipeline.transforms.postprocessing` (:func:`_chain_parts`) and every operation
+    ``image`` went through inverts by moving voxels (:data:`INDEX_ONLY_OPS`: no ``Spacingd``).
+    Else None: the bundle's chain runs as it is.
+    """
+    chain = _chain_parts(postprocessing)
+    ops = getattr(image, "applied_operations", None)
+    if chain is None or ops is None or any(op.get("class") not in INDEX_ONLY_OPS or op.get("lazy") for op in ops):
+        return None
+    return chain
 
 
 def _discretise(activation, discrete, logits: torch.Tensor) -> torch.Tensor:
@@ -262,6 +270,161 @@ def _discretise(activation, discrete, logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+RESAMPLE_SLAB_VOXELS = 1 << 20  # output voxels per slab when inverting a resampling (about 60 MB of grids)
+
+
+def _resample_first(postprocessing, image) -> tuple | None:
+    """``(chain, before, after)`` when the inversion of ``image``'s preprocessing may resample
+    slab by slab (:func:`_inverted_resample`): the postprocessing starts with the chain of
+    :func:`_chain_parts`, ``image`` went through exactly one resampling (``Spacingd``:
+    ``SpatialResample``, eager, bilinear or nearest, MONAI's ``grid_sample`` path) and otherwise
+    only through :data:`INDEX_ONLY_OPS`. ``before``/``after``: the preprocessing's transforms
+    before and after its one ``Spacingd``. Else None.
+    """
+    from monai.config import USE_COMPILED
+    from monai.transforms import Compose, Spacingd
+
+    chain = _chain_parts(postprocessing)
+    ops = getattr(image, "applied_operations", None)
+    if chain is None or ops is None or USE_COMPILED or any(op.get("lazy") for op in ops):
+        return None
+    resamples = [n for n, op in enumerate(ops) if op.get("class") == "SpatialResample"]
+    if len(resamples) != 1 or any(op.get("class") not in INDEX_ONLY_OPS for n, op in enumerate(ops) if n != resamples[0]):
+        return None
+    extra = ops[resamples[0]].get("extra_info", {})
+    if extra.get("mode") not in ("bilinear", "nearest") or extra.get("padding_mode") not in ("zeros", "border", "reflection"):
+        return None
+    if extra.get("dtype") not in ("float64", "float32") or len(ops[resamples[0]].get("orig_size", ())) != 3:
+        return None
+    preprocessing = chain[1].transform
+    if not isinstance(preprocessing, Compose):
+        return None
+    transforms = list(preprocessing.flatten().transforms)
+    spacings = [n for n, t in enumerate(transforms) if isinstance(t, Spacingd)]
+    if len(spacings) != 1:
+        return None
+    return chain, Compose(transforms[: spacings[0]]), Compose(transforms[spacings[0] + 1 :])
+
+
+def _inverse(transforms, image):
+    """``transforms``' inverse of ``image`` (a MetaTensor carrying its trace), as ``Invertd`` runs it."""
+    from monai.transforms import allow_missing_keys_mode
+
+    with allow_missing_keys_mode(transforms):
+        return transforms.inverse({"image": image})["image"]
+
+
+def _linspace_from_neg_one(steps: int, dtype: torch.dtype, align_corners: bool) -> torch.Tensor:
+    """The base coordinates of ``torch.nn.functional.affine_grid`` along one axis (ATen's own formula)."""
+    if steps <= 1:
+        return torch.zeros(1, dtype=dtype)
+    values = torch.linspace(-1, 1, steps, dtype=dtype)
+    return values if align_corners else values * (steps - 1) / steps
+
+
+def _inverted_resample(probs, discrete, dtype: torch.dtype):
+    """Invert the resampling at the end of ``probs``' trace (a MetaTensor of probabilities on the
+    resampled grid) and discretise, slab by slab along the last axis of the output grid.
+
+    The same computation as MONAI's ``SpatialResample.inverse`` (``spatial_resample`` ->
+    ``AffineTransform`` -> ``affine_grid`` + ``grid_sample``), with the same float64 matrices, but
+    ``affine_grid``'s coordinates are made one slab at a time from ATen's own base grid and
+    product (bit for bit the rows of the whole grid) and each slab is sampled, cast to float32
+    and discretised at once: the dense full-size grid (3 float64 per voxel, and its base grid) and
+    the float32 probabilities on the output grid are never allocated. Returns the class map
+    (uint8, ``(1 or C, *output)``) as a MetaTensor with the trace and affine the inversion leaves.
+    """
+    from copy import deepcopy
+
+    from monai.data import MetaTensor
+    from monai.data.utils import AFFINE_TOL, to_affine_nd
+    from monai.networks.utils import to_norm_affine
+    from monai.transforms.utils_pytorch_numpy_unification import allclose
+    from monai.transforms.utils import resolves_modes
+    from monai.utils import convert_to_dst_type
+
+    op = probs.applied_operations[-1]
+    extra = op["extra_info"]
+    spatial_size = torch.tensor([int(s) for s in op["orig_size"]])
+    # spatial_resample, with the inverse's arguments: from the current affine to the recorded source's
+    src_affine = to_affine_nd(3, probs.peek_pending_affine()).to(torch.float64)
+    dst_affine = convert_to_dst_type(to_affine_nd(3, extra["src_affine"]), src_affine)[0]
+    in_spatial_size = torch.tensor(probs.shape[1:4])
+    xform = torch.as_tensor(np.linalg.solve(src_affine.numpy(), dst_affine.numpy()), dtype=torch.float64)
+    unchanged = (allclose(src_affine, dst_affine, atol=AFFINE_TOL) and allclose(spatial_size, in_spatial_size)) or (
+        allclose(xform, np.eye(4), atol=AFFINE_TOL) and allclose(spatial_size, in_spatial_size)
+    )
+    align_corners = extra.get("align_corners")
+    align_corners = False if align_corners in (None, "none") else bool(align_corners)
+    _, mode, padding_mode, _ = resolves_modes(extra["mode"], extra["padding_mode"])
+    source = torch.as_tensor(probs).as_subclass(torch.Tensor)
+    channels = source.shape[0]
+    out_shape = tuple(int(s) for s in spatial_size)
+    out = None
+    if unchanged:  # MONAI returns the input as float32
+        values = discrete({"pred": source.to(torch.float32)})["pred"]
+        out = torch.as_tensor(values).to(dtype)
+    else:
+        source = source.to(torch.float64 if extra["dtype"] == "float64" else torch.float32).unsqueeze(0).contiguous()
+        # AffineTransform(normalized=False, reverse_indexing=True).forward
+        theta = to_norm_affine(
+            affine=xform.to(source)[None].clone(), src_size=source.shape[2:], dst_size=out_shape, align_corners=align_corners
+        )
+        reverse = torch.as_tensor([2, 1, 0])
+        theta[:, :3] = theta[:, reverse]
+        theta[:, :, :3] = theta[:, :, reverse]
+        theta = theta[:, :3].transpose(1, 2)
+        depth, height, width = out_shape
+        lin_x = _linspace_from_neg_one(width, source.dtype, align_corners)
+        lin_y = _linspace_from_neg_one(height, source.dtype, align_corners).unsqueeze(-1)
+        lin_z = _linspace_from_neg_one(depth, source.dtype, align_corners).unsqueeze(-1).unsqueeze(-1)
+        step = max(1, RESAMPLE_SLAB_VOXELS // max(1, depth * height))
+        for start in range(0, width, step):
+            stop = min(width, start + step)
+            base = torch.empty((1, depth, height, stop - start, 4), dtype=source.dtype)
+            base[..., 0] = lin_x[start:stop]
+            base[..., 1] = lin_y
+            base[..., 2] = lin_z
+            base[..., 3] = 1
+            grid = base.view(1, -1, 4).bmm(theta).view(1, depth, height, stop - start, 3)
+            del base
+            piece = torch.nn.functional.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+            del grid
+            values = torch.as_tensor(discrete({"pred": piece[0].to(torch.float32)})["pred"])
+            del piece
+            if out is None:
+                out = torch.empty((values.shape[0], *out_shape), dtype=dtype)
+            out[..., start:stop] = values
+        del source
+    meta = deepcopy(probs.meta)
+    if not unchanged:  # TraceableTransform.track_transform_meta: affine @ xform
+        meta["affine"] = src_affine @ to_affine_nd(3, xform, dtype=torch.float64)
+    return MetaTensor(out, meta=meta, applied_operations=deepcopy(probs.applied_operations[:-1]))
+
+
+def _resampled_mask(parts, data: dict, logits: torch.Tensor):
+    """The mask of :func:`mask_on_input_grid` through :func:`_inverted_resample`; None when the trace
+    does not come out as :func:`_resample_first` expects (then the bundle's chain runs)."""
+    from copy import deepcopy
+
+    from monai.data import MetaTensor
+
+    (activation, invert, match, discrete, rest), before, after = parts
+    image = data["image"]
+    dtype = torch.uint8 if logits.shape[0] <= 256 else torch.int32
+    probs = MetaTensor(
+        torch.as_tensor(activation({"pred": logits})["pred"]).as_subclass(torch.Tensor),
+        meta=deepcopy(image.meta),
+        applied_operations=deepcopy(image.applied_operations),
+    )
+    probs = _inverse(after, probs)  # crops and pads after Spacingd, on the float32 probabilities
+    if not probs.applied_operations or probs.applied_operations[-1].get("class") != "SpatialResample":
+        return None
+    pred = _inverse(before, _inverted_resample(probs, discrete, dtype))  # orientation etc., on the class map
+    del probs
+    return rest(match({**data, "pred": pred}))["pred"]
+
+
 def mask_on_input_grid(bundle: LoadedBundle, data: dict, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Postprocess ``logits`` ``(C, *spatial)`` back onto the input's grid.
 
@@ -273,15 +436,19 @@ def mask_on_input_grid(bundle: LoadedBundle, data: dict, logits: torch.Tensor) -
     resampling), the mask is discretised on the working grid slab by slab and the uint8 class
     map is inverted (:func:`_discretise_first`), the same mask as the bundle's chain, which
     inverts float32 probabilities (C float32 arrays of the input's size, then their float32
-    mask). Otherwise the bundle's chain runs as it is.
+    mask). When it resamples once (``Spacingd``), the resampling is inverted and discretised
+    slab by slab (:func:`_resample_first`, :func:`_inverted_resample`), again the same mask.
+    Otherwise the bundle's chain runs as it is.
     """
     image = data["image"]
     affine = np.asarray(image.meta["original_affine"], dtype=float)
     shape = tuple(int(s) for s in np.atleast_1d(np.asarray(image.meta["spatial_shape"])))
     chain = _discretise_first(bundle.postprocessing, image)
-    if chain is None:
+    resample = None if chain is not None else _resample_first(bundle.postprocessing, image)
+    pred = None if resample is None else _resampled_mask(resample, data, logits)
+    if pred is None and chain is None:
         pred = bundle.postprocessing({**data, "pred": logits})["pred"]
-    else:
+    elif pred is None:
         from monai.data import MetaTensor
 
         activation, invert, match, discrete, rest = chain
