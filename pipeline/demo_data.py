@@ -252,10 +252,10 @@ def mni_slabs_datalist() -> dict:
 
 
 def write_mni_slabs(out_dir, seed: int = 0) -> dict:
-    """Write the main job's data: the 2 mm MNI152 T1 and tissue label cut into sagittal slabs.
+    """Write the main job's data: the 2 mm MNI152 T1 and tissue label cut into boxes.
 
     Training sees the left hemisphere, validation its top, test the right hemisphere (see
-    :data:`MNI_SLAB_BOXES`). The test slab is written twice: as acquired (``site_a``) and as a
+    :data:`MNI_SLAB_BOXES`). The test box is written twice: as acquired (``site_a``) and as a
     simulated second scanner (``site_b``, see :func:`_second_site`, stored LPS so orientation
     and inversion are exercised). Returns ``{"dataset_dir", "datalist", "files"}``.
     """
