@@ -190,34 +190,26 @@ def _process_tree(root_pid: int) -> set[int]:
     return tree
 
 
+def _proc_bytes(pid: int, file: str, field: str) -> int:
+    """A kB field (``Pss:``, ``VmHWM:``) of ``/proc/<pid>/<file>`` in bytes; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{file}") as handle:
+            for line in handle:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _pss(pids: set[int]) -> int:
     """Sum of the proportional set sizes (bytes) of ``pids``: shared pages counted once."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                for line in handle:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
+    return sum(_proc_bytes(pid, "smaps_rollup", "Pss:") for pid in pids)
 
 
 def _hwm(pids: set[int]) -> int:
     """The largest peak resident set size (``VmHWM``, bytes) among ``pids``."""
-    peak = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-                        break
-        except OSError:
-            continue
-    return peak
+    return max((_proc_bytes(pid, "status", "VmHWM:") for pid in pids), default=0)
 
 
 def ct_volume(shape, path: Path) -> None:
