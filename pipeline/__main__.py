@@ -29,8 +29,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def printable_streams() -> None:
+    """Escape what the terminal's encoding cannot show: a file name in Latin script, or a library's
+    arrow, on a server whose locale is ASCII (``LC_ALL=C``) must print, not raise."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    printable_streams()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -695,7 +695,7 @@ def build_datalist(
     A label is never dropped silently: a label without an image, several labels for one case, a
     patient folder with several images (or several DICOM image series and no ``series`` rule
     choosing) and a DICOM SEG/RTSTRUCT label of another series than the case's image are
-    :class:`DataError`\ s naming the folder.
+    one :class:`DataError` per problem, naming the folder.
 
     Args:
         folds: when given, each training entry gets ``"fold"`` (0..folds-1, shuffled with
@@ -859,7 +859,7 @@ def datalist_main(argv: list[str] | None = None) -> int:
     text = json.dumps(content, indent=2) + "\n"
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text, encoding="utf-8")
         print(f"{args.output}: {content['numTraining']} training, {len(content.get('validation', []))} validation, {content['numTest']} test")
     else:
         sys.stdout.write(text)

@@ -176,7 +176,7 @@ def write_demo_data(out_dir, sets=SETS, seed: int = 0) -> dict:
     for name in sets:
         count = _write_mni(out) if name == "mni" else _write_synthetic(out, name, seed)
         datalist = out / f"{name}.json"
-        datalist.write_text(json.dumps(demo_datalist(name), indent=2) + "\n")
+        datalist.write_text(json.dumps(demo_datalist(name), indent=2) + "\n", encoding="utf-8")
         written[name] = {"dataset_dir": str(out), "datalist": str(datalist), "files": count}
     return written
 
@@ -281,5 +281,5 @@ def write_mni_slabs(out_dir, seed: int = 0) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(array, slab_affine), path)
     datalist = out / f"{MNI_SLABS}.json"
-    datalist.write_text(json.dumps(mni_slabs_datalist(), indent=2) + "\n")
+    datalist.write_text(json.dumps(mni_slabs_datalist(), indent=2) + "\n", encoding="utf-8")
     return {"dataset_dir": str(out), "datalist": str(datalist), "files": 2 * len(written)}

@@ -295,7 +295,7 @@ class TrainingCurves:
     def _started(self, engine: Engine) -> None:
         self.rows = []
         if engine.state.epoch > 0 and self.csv_path.is_file():
-            with open(self.csv_path, newline="") as handle:
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
                 self.rows = [
                     {k: float(v) for k, v in row.items() if v not in ("", None)}
                     for row in csv.DictReader(handle)

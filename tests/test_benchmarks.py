@@ -13,7 +13,7 @@ def test_bench_network_quick_prints_comparison_json(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_network.py"), "--quick", "--repeats", "1", "--output", str(output)],
         capture_output=True,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
@@ -37,7 +37,7 @@ def test_bench_generalization_quick_reports_every_site_for_both_methods(tmp_path
         [sys.executable, str(ROOT / "benchmarks" / "bench_generalization.py"), "--quick",
          "--workdir", str(tmp_path / "work"), "--output", str(output), "--png", str(png)],
         capture_output=True,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

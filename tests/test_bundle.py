@@ -67,7 +67,7 @@ def monai_bundle(*args, cwd=None):
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         timeout=300,
     )
 
@@ -90,7 +90,7 @@ def test_model_zoo_layout(name):
         assert os.path.isfile(bundle_path(name, part)), part
     assert "Apache License" in open(bundle_path(name, "LICENSE")).read()
     # weights are produced by training, never committed
-    tracked = subprocess.run(["git", "ls-files", bundle_path(name, "models")], cwd=REPO, capture_output=True, text=True)
+    tracked = subprocess.run(["git", "ls-files", bundle_path(name, "models")], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert tracked.returncode == 0, tracked.stderr
     assert tracked.stdout.strip() == ""
     large_files = ConfigParser.load_config_file(bundle_path(name, "large_files.yml"))
@@ -132,7 +132,7 @@ def model_zoo_ci(bundle):
     os.makedirs(os.path.join(bundle, "eval"), exist_ok=True)
     shutil.copyfile(SCHEMA, os.path.join(bundle, "eval", "schema.json"))
     return subprocess.run(
-        [sys.executable, "-c", ZOO_CI, str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+        [sys.executable, "-c", ZOO_CI, str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=600
     )
 
 

@@ -71,7 +71,7 @@ ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
 
 
 def run(args, timeout=300):
-    result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=ENV)
+    result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=ENV)
     return result.returncode, result.stdout
 
 
@@ -147,7 +147,7 @@ def test_a_trained_bundle_copied_anywhere_runs_every_command_from_inside_it_with
 
     def bundle_run(*args):
         result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=bundle, env=ENV, timeout=300,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:]
         return result.stdout
 

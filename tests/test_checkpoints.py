@@ -59,7 +59,7 @@ def test_atomic_torch_save_survives_sigkill_during_saves(tmp_path):
     rng = np.random.default_rng(0)
     last = 0
     for _ in range(2):  # each start imports torch: a few seconds
-        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
         process.stdout.readline()  # at least one complete save
         time.sleep(float(rng.uniform(0.0, 0.4)))
         process.send_signal(signal.SIGKILL)

@@ -253,7 +253,7 @@ def test_cli_through_python_m(clean):
     run = subprocess.run(
         [sys.executable, "-m", "pipeline", "datalist", "validate", str(datalist), "--dataset_dir", str(root)],
         capture_output=True,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
     )
     assert run.returncode == 0, run.stderr
     assert "OK" in run.stdout

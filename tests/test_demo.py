@@ -166,6 +166,23 @@ def test_second_site_is_the_same_anatomy_from_another_scanner(slabs_dir):
     assert 0.8 < np.corrcoef(image_a[~air], image_b[~air])[0, 1] < 0.999  # same anatomy, not the same values
 
 
+def test_steps_survive_non_ascii_output_on_an_ascii_locale(tmp_path):
+    """A server with ``LC_ALL=C`` (and no UTF-8 mode) decodes pipes as ASCII; a step whose tools print
+    UTF-8 (MONAI's and ignite's messages do) must still be logged and relayed, not crash the demo."""
+    script = (
+        "import sys; from pathlib import Path; from pipeline import demo, __main__\n"
+        "__main__.printable_streams()  # as python -m pipeline does\n"
+        "child = [sys.executable, '-c', 'print(\"epoch: 1 \\\\u2192 0.5 \\\\u00b5m\")']\n"
+        "demo._run('step', child, Path(sys.argv[1]), relay='epoch:')\n"
+    )
+    log = tmp_path / "step.log"
+    run = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True,
+                         env={**demo._environment(), "LC_ALL": "C", "PYTHONUTF8": "0"})  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode("utf-8", "replace")
+    assert log.read_text(encoding="utf-8") == "epoch: 1 \u2192 0.5 \u00b5m\n"
+    assert b"epoch  1 " in run.stdout  # relayed to the terminal (escaped there, as the locale cannot show it)
+
+
 def test_metrics_table_reads_monai_metrics_saver_csvs(tmp_path):
     header = "filename,class0,class1,class2,mean\n"
     (tmp_path / "val_mean_dice_raw.csv").write_text(header + "/d/a.nii.gz,0.5,0.8,0.9,0.7333\n/d/b.nii.gz,0.3,0.6,0.7,0.5333\n")
@@ -187,7 +204,7 @@ def test_main_job_plans_trains_evaluates_and_segments_the_mni_slabs(tmp_path):
     """
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--data", "mni", "--output", str(out), "--epochs", "1"],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     printed = run.stdout
     bundle = out / "bundle"

@@ -198,7 +198,7 @@ def test_tiny_training_run_on_a_seg_label(patients, tmp_path):
         "--features", "[4,8,16]", "--depth", "2", "--roi_size", "[16,16,16]", "--sw_roi_size", "[32,32,16]",
         "--num_samples", "1", "--batch_size", "1", "--max_epochs", "1", "--val_interval", "1",
     ]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=300,
                             env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert result.returncode == 0, result.stdout[-3000:]
     header, row = (tmp_path / "bundle" / "logs" / "training_log.csv").read_text().splitlines()

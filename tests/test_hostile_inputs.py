@@ -109,7 +109,7 @@ def peak_rss_mb_of(code: str) -> tuple[float, str]:
         print("PEAK_MB", int(peak) / 1024)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     peak = float(result.stdout.split("PEAK_MB")[-1])
     return peak, result.stdout
@@ -206,7 +206,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused_or_waits(tmp_path, ch
                 print("held", flush=True)
                 time.sleep(float(sys.argv[1]))
         """), "4"],
-        env=environment(), stdout=subprocess.PIPE, text=True,
+        env=environment(), stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -279,7 +279,7 @@ def test_a_full_disk_fails_cases_with_one_line_and_leaves_no_temporaries(tmp_pat
                         "--override", "network_def#features=[4,8,16]", "--override", "network_def#depth=2",
                         "--override", "sw_roi_size=[32,32,32]", "--override", "sw_batch_size=1"]!r}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "a: FAILED: write: OSError" in result.stderr and "File too large" in result.stderr
@@ -392,7 +392,7 @@ def test_short_fuzz_run_of_the_readers_finds_nothing():
     """260 mutants of seed 1 include #256, a CT slice with flipped header bits on which SimpleITK's
     own header probe allocated 1.1 GB; DICOM files are now checked with pydicom first."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz_readers.py"), "--iterations", "260", "--seed", "1"],
-                            env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            env=environment(), cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     report = json.loads(result.stdout)
     assert report["findings"] == [] and result.returncode == 0, report["findings"]
     assert report["read"] > 50 and report["refused"] > 50  # the mutants exercise both outcomes

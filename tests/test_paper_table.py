@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"), "--quick", "--out-dir", str(out)],
         capture_output=True,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

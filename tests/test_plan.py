@@ -154,7 +154,7 @@ def test_cli_usage_errors(tmp_path, capsys):
     (tmp_path / "empty.json").write_text(json.dumps({"training": []}))
     assert planning.main([str(tmp_path / "empty.json"), "--output", str(tmp_path / "b")]) == 2
     assert "no labelled cases" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--help"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert run.returncode == 0 and "usage: python -m pipeline plan" in run.stdout
 
 

@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--dataset_dir", str(data),
          "--datalist", str(datalist), *SMALL, "--sw_roi_size", "[64,64,64]", "--max_epochs", "2", "--val_interval", "2",
          "--learning_rate", "0.01", "--progress_bar", "False", "--num_workers", "0", "--cache_rate", "0"],
-        cwd=bundle, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        cwd=bundle, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     return bundle, data, datalist

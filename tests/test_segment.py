@@ -374,7 +374,7 @@ def test_sigkill_mid_batch_then_rerun_completes_each_case_exactly_once(tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((output / "records").glob("case*[0-9].json"))) < 3:
-        assert process.poll() is None, process.stderr.read().decode()
+        assert process.poll() is None, process.stderr.read().decode("utf-8", "replace")
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)  # the command and its reader worker
     process.wait()
@@ -387,7 +387,7 @@ def test_sigkill_mid_batch_then_rerun_completes_each_case_exactly_once(tmp_path,
     }
     assert 0 < len(finished_before) < len(names)
 
-    rerun = subprocess.run(command(checkpoint, data, output), env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command(checkpoint, data, output), env=environment(), cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert rerun.returncode == 0, rerun.stderr
 
     rows = summary(output)
@@ -411,7 +411,7 @@ def test_two_rank_torchrun_covers_every_case_exactly_once(tmp_path, checkpoint):
     output = tmp_path / "out"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     process = subprocess.Popen(launcher + command(checkpoint, data, output)[1:] + ["--show-phi"], env=environment(), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", start_new_session=True)
     try:
         log, _ = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -433,7 +433,7 @@ def test_two_rank_torchrun_covers_every_case_exactly_once(tmp_path, checkpoint):
 def test_benchmark_quick_run_prints_its_measurements_as_json(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_segment.py"), "--quick", "--output", str(output)],
-                            env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            env=environment(), cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert report["pipeline"]["volumes"] >= 4 and report["pipeline"]["batch_over_network"] > 0

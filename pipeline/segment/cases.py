@@ -235,7 +235,7 @@ def pseudonym_key(out: str | os.PathLike) -> tuple[bytes, bool]:
     stored = Path(out) / PSEUDONYM_KEY_FILE
     if stored.is_file():
         try:
-            return bytes.fromhex(stored.read_text().strip()), False
+            return bytes.fromhex(stored.read_text(encoding="ascii").strip()), False
         except ValueError:
             raise ValueError(f"{stored}: not a hex key; restore it from a backup or set ${PSEUDONYM_KEY_ENV}") from None
     return secrets.token_bytes(32), True
