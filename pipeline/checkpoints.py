@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,7 +65,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             "neither torch.save's zip format nor a pickle)"
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A legacy pickle gets a line about its protocol before our one-line verdict: noise.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # PyTorch's message is a page of advice to load unsafely; keep the line that names the object.
         culprit = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line or "GLOBAL" in line), "")
