@@ -363,18 +363,22 @@ def test_inference_config_exposes_what_batch_segmentation_loads(name, tmp_path):
     assert set(fast.state_dict()) == set(network.state_dict())  # the same weights load into either mode
     inferer = parser.get_parsed_content("inferer")
     assert inferer.mode == "gaussian" and inferer.overlap == 0.5
-    assert type(inferer).__name__ == ("SlidingWindowInferer" if name == "unetpp_3d_seg" else "SliceInferer")
+    assert type(inferer).__name__ == ("BodySlidingWindowInferer" if name == "unetpp_3d_seg" else "BodySliceInferer")
     assert callable(parser.get_parsed_content("preprocessing"))
     # Windows that reach past the image are padded with the preset's air value, not 0 (= mean tissue
-    # after a z-score), in inference and in training's validation alike.
+    # after a z-score), in inference and in training's validation alike; presets with a body mask
+    # predict background in air far from the body (the synthetic "scale" preset has none).
     for preset, air in (("scale", 0.0), ("mri", -5.0), ("ct", -1.0)):
         parser["preset"] = preset
         parser.parse(reset=True)
-        assert parser.get_parsed_content("inferer").cval == air, preset
+        inferer = parser.get_parsed_content("inferer")
+        assert inferer.cval == air, preset
+        assert (inferer.air is None) if preset == "scale" else (inferer.air.background == air), preset
     train = ConfigParser()
     train.read_config(bundle_path(name, "configs", "train.json"))
     train["bundle_root"], train["preset"] = str(tmp_path), "mri"
     assert train.get_parsed_content("validate#inferer").cval == -5.0
+    assert train.get_parsed_content("validate#inferer").air.background == -5.0
 
 
 @pytest.mark.parametrize("name", BUNDLES)

@@ -25,7 +25,7 @@ def test_the_overlay_is_short_and_only_changes_values():
     files = render()
     assert set(files) == set(COPIED) | {"configs/train.json", "configs/inference.json"}
     train = json.loads(files["configs/train.json"])
-    assert train["spatial_dims"] == 2 and train["validate"]["inferer"]["_target_"] == "SliceInferer"
+    assert train["spatial_dims"] == 2 and train["validate"]["inferer"]["_target_"] == "pipeline.inferers.BodySliceInferer"
     assert train["validate"]["postprocessing"] == "%train#postprocessing"  # a reference, as in the model zoo
 
 

@@ -111,3 +111,32 @@ def test_mirror_tta_on_selected_axes_runs_one_pass_per_flip_combination():
     assert len(calls) == 4
     with pytest.raises(ValueError, match="sigmoid' or 'softmax"):
         MirrorTTAInferer(SimpleInferer(), "relu")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_air_far_from_the_body_is_background_whatever_the_network_says(dims):
+    """A network that calls everything foreground (as 2D networks do on slices of air) keeps it only on
+    the body and within ``margin`` voxels of it, through MONAI's slice and sliding-window inferers."""
+    from pipeline.inferers import AirIsBackground, BodySliceInferer, BodySlidingWindowInferer
+
+    image = torch.full((1, 1, 24, 30, 6), -5.0)  # the MRI preset's value outside the body
+    image[:, :, 8:12, 10:20, 2:4] = torch.randn(1, 1, 4, 10, 2)  # body on slices 2-3 only
+
+    def everything_is_class_2(x):
+        logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        logits[:, 2] = 5.0
+        return logits
+
+    rule = AirIsBackground(-5.0, margin=2)
+    if dims == 2:
+        inferer = BodySliceInferer(roi_size=(16, 16), spatial_dim=2, cval=-5.0, mode="gaussian", overlap=0.5, air=rule)
+    else:
+        inferer = BodySlidingWindowInferer(roi_size=(16, 16, 4), cval=-5.0, mode="gaussian", overlap=0.5, air=rule)
+    labels = inferer(image, everything_is_class_2).argmax(1)[0]
+    expected = torch.zeros(24, 30, 6, dtype=torch.long)
+    expected[6:14, 8:22, 0:6] = 2  # the body grown by 2 voxels (a box), on every axis
+    assert torch.equal(labels, expected)
+    plain = (BodySliceInferer(roi_size=(16, 16), spatial_dim=2) if dims == 2 else BodySlidingWindowInferer(roi_size=(16, 16, 4)))
+    assert bool((plain(image, everything_is_class_2).argmax(1) == 2).all())  # air=None: the network's word
+    sigmoid = rule(torch.full((1, 1, 24, 30, 6), 5.0), image)  # one channel: air gets a negative logit
+    assert bool((sigmoid[0, 0, 0, 0] < 0).all()) and bool((sigmoid[0, 0, 10, 15] > 0).all())
