@@ -89,9 +89,10 @@ def _shell(command: list[str]) -> str:
 
 def _environment() -> dict:
     """The runs' environment: unbuffered UTF-8 output (epoch lines are relayed as they come, and
-    read as UTF-8 whatever the server's locale), and OpenMP threads that sleep rather than spin while they wait. On a CPU shared with other jobs a
-    spinning thread pool slows a training step down by 2-10x (measured here on 2 cores: 0.3 s per
-    step alone, 1-13 s beside another process); passive waiting keeps it at about 1x.
+    read as UTF-8 whatever the server's locale), and OpenMP threads that sleep rather than spin
+    while they wait. On a CPU shared with other jobs a spinning thread pool slows a training step
+    down by 2-10x (measured here on 2 cores: 0.3 s per step alone, 1-13 s beside another
+    process); passive waiting keeps it at about 1x.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
