@@ -155,9 +155,8 @@ class AirIsBackground:
         """The rule for an intensity preset with a body mask; ``None`` (no rule) for one without."""
         from pipeline.transforms import PRESETS, background_value
 
-        if PRESETS[preset].body is None:
-            return None
-        return cls(background_value(preset, intensity), margin)
+        background = background_value(preset, intensity)  # also the clear error for an unknown preset
+        return None if PRESETS[preset].body is None else cls(background, margin)
 
     def near_body(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *S)`` -> ``(B, 1, *S)`` bool: within ``margin`` voxels (a box) of the body."""
@@ -166,9 +165,9 @@ class AirIsBackground:
             size = near.shape[axis]
             edge = torch.zeros([self.margin if d == axis else s for d, s in enumerate(near.shape)], dtype=torch.bool, device=near.device)
             padded = torch.cat([edge, near, edge], dim=axis)
-            for shift in range(2 * self.margin + 1):
+            for shift in range(2 * self.margin + 1):  # padded is a copy, so near can grow in place
                 if shift != self.margin:
-                    near = near | padded.narrow(axis, shift, size)
+                    near |= padded.narrow(axis, shift, size)
         return near
 
     def __call__(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
