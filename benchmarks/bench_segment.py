@@ -72,7 +72,7 @@ from pipeline import segment  # noqa: E402
 from pipeline.inferers import AutocastInferer  # noqa: E402
 from pipeline.losses import BCEDiceLoss, DeepSupervisionLoss  # noqa: E402
 from pipeline.nets import UNetPlusPlus  # noqa: E402
-from pipeline.segment.run import apply_thread_count, available_cores, native_bf16  # noqa: E402
+from pipeline.cpu import apply_thread_count, available_cores, native_bf16  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "unetpp_3d_seg"
 TARGET_GB = 2.5  # issue 13: peak memory of segment on a 512x512x200 CT in fp32
@@ -389,7 +389,9 @@ def window_flops(network, roi: list[int]) -> dict[str, int]:
         for option in [f"L{k}" for k in range(1, depth + 1)] + ["accurate"]:
             network.mode, network.prune_level = ("accurate", depth) if option == "accurate" else ("fast", int(option[1:]))
             counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
+            # With gradients on, the network takes PyTorch's standard convolution and pooling, whose
+            # FLOPs the counter knows (inference without gradients calls oneDNN directly).
+            with counter, torch.enable_grad():
                 network(x)
             flops[option] = int(counter.get_total_flops())
     finally:
@@ -413,8 +415,11 @@ def levels(size: dict, common: list[str], cases: list, truth: dict, bundle, work
         # one-off start-up (oneDNN builds its kernels for each new shape: 2-3 s), which a batch of
         # hundreds pays once.
         per_case = [sum(row["timings"].values()) for row in summary["cases"]]
+        stages = {stage: round(statistics.median(row["timings"].get(stage, 0.0) for row in summary["cases"]), 4)
+                  for stage in ("read_s", "infer_s", "write_s")}
         rows[option] = {
             "case_s_median": round(statistics.median(per_case), 4),
+            "stage_s_median": stages,
             "case_s": [round(t, 3) for t in per_case],
             "network_s_per_volume": round(batch["network_s"] / len(cases), 4),
             "batch_wall_s_per_volume": round(batch["wall_s"] / len(cases), 4),

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from pipeline.demo_data import MNI_LABELS, write_demo_data, write_mni_slabs
-from pipeline.segment.run import native_bf16
+from pipeline.cpu import native_bf16
 
 __all__ = ["BUNDLE", "SCHEDULE", "bundle_command", "bundle_dir", "main", "metrics_table"]
 

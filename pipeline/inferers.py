@@ -15,10 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
+
+from pipeline.cpu import keep_freed_memory
 
 __all__ = [
     "PRECISIONS",
@@ -75,6 +78,9 @@ class AutocastInferer(Inferer):
 
     ``inputs`` (B, C, *spatial) -> ``inferer``'s outputs, floating tensors as float32 so that
     post-processing, losses and metrics see the dtype they would without autocast.
+
+    On a CPU the call runs inside :func:`pipeline.cpu.keep_freed_memory`, so the sliding
+    windows of one volume reuse each other's memory instead of faulting it in afresh.
     """
 
     def __init__(self, inferer: Inferer, precision: str = "bf16"):
@@ -84,10 +90,12 @@ class AutocastInferer(Inferer):
         self.precision = precision
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
-        if self.precision == "fp32":
-            return self.inferer(inputs, network, *args, **kwargs)
-        with torch.autocast(device_type=inputs.device.type, dtype=_DTYPES[self.precision]):
-            outputs = self.inferer(inputs, network, *args, **kwargs)
+        on_cpu = inputs.device.type == "cpu"
+        with keep_freed_memory() if on_cpu else contextlib.nullcontext():
+            if self.precision == "fp32":
+                return self.inferer(inputs, network, *args, **kwargs)
+            with torch.autocast(device_type=inputs.device.type, dtype=_DTYPES[self.precision]):
+                outputs = self.inferer(inputs, network, *args, **kwargs)
         return _to_float32(outputs)
 
 

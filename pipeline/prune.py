@@ -493,12 +493,6 @@ def export_pruned(bundle: Path, destination: Path, network, level: int, settings
 # ----------------------------------------------------------------------------------------------
 
 
-def _native_bf16(device: torch.device) -> bool:
-    from pipeline.segment.run import native_bf16
-
-    return native_bf16(device)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     for name in ("budget_seconds", "max_dice_drop"):
@@ -506,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return EXIT_USAGE
-    from pipeline.segment.run import apply_thread_count
+    from pipeline.cpu import apply_thread_count, native_bf16
 
     threads = apply_thread_count()
     try:
@@ -617,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.precision == "bf16":
             precision, note = "bf16", "asked for with --precision bf16 (measured in bf16)"
         elif args.precision == "auto":
-            if evaluation.device.type == "cuda" or _native_bf16(evaluation.device):
+            if evaluation.device.type == "cuda" or native_bf16(evaluation.device):
                 agree, scores = _check_bf16(evaluation, choice["option"], decision.get("head_weights"), masks[choice["option"]])
                 report["bf16_mask_dice"] = scores
                 if agree:

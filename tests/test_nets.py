@@ -217,3 +217,53 @@ def test_instance_norm_runs_as_identical_group_norm():
     # Running statistics have no group-norm equivalent: real instance norm is kept.
     block = ConvBlock(3, 2, 6, act="relu", norm=("instance", {"track_running_stats": True}), dropout=0.0)
     assert isinstance(block.conv0.adn.N, torch.nn.InstanceNorm3d)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6, 4), (2, 3, 8, 6), (1, 2, 10), (1, 2, 7, 6, 4)])
+def test_inference_pooling_equals_pytorch_max_pooling(shape):
+    from pipeline.nets.blocks import MaxPool2x
+
+    pool = MaxPool2x(len(shape) - 2)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(pool(x), pool.pool(x))  # odd sizes go to PyTorch's pooling
+
+
+def test_pointwise_head_and_onednn_convolution_equal_pytorch_convolutions():
+    from pipeline.nets.blocks import ConvBlock, OneDNNConv3d, PointwiseHead
+
+    head = PointwiseHead(3, 16, 3)
+    x = torch.randn(2, 16, 6, 5, 4)
+    expected = torch.nn.functional.conv3d(x, head.conv.weight, head.conv.bias)
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+    conv = ConvBlock(3, 1, 4, act="relu", norm="batch", dropout=0.0).conv0.conv
+    assert isinstance(conv, OneDNNConv3d)
+    x = torch.randn(1, 1, 12, 10, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_inference_avoids_pytorchs_slow_kernels():
+    """Without gradients no reference convolution (batch of one, one channel) and no indexed pooling run."""
+    net = UNetPlusPlus(3, 1, 1, features=TINY_WIDTHS, depth=2, mode="fast", prune_level=1).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+
+    def kernels(grad: bool) -> set:
+        with torch.set_grad_enabled(grad), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            net(x)
+        return {event.key for event in prof.key_averages()}
+
+    slow = {"aten::slow_conv3d_forward", "aten::max_pool3d_with_indices"}
+    assert slow <= kernels(grad=True)  # what PyTorch picks on its own: the check can fail
+    assert not slow & kernels(grad=False)
+
+
+def test_scripted_network_runs_under_cpu_autocast():
+    net = UNetPlusPlus(3, 1, 2, features=TINY_WIDTHS, depth=2).eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = scripted(x)
+    torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.05)

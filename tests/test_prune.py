@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from pipeline import prune, segment
-from pipeline.segment import run as segment_run
 from pipeline.settings import record_serving, serving_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,18 +209,3 @@ def test_serving_settings_round_trip(tmp_path):
     assert serving_overrides({"depth": 3}) == {}
     with pytest.raises(ValueError, match="not serving settings"):
         record_serving(tmp_path, {"depth": 2})
-
-
-def test_thread_count_follows_the_cores_available_to_the_process(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    assert 1 <= segment_run.available_cores() <= 3
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    previous = torch.get_num_threads()
-    try:
-        threads = segment_run.apply_thread_count()
-        assert threads == segment_run.available_cores() == torch.get_num_threads()
-        assert segment_run.apply_thread_count(processes=8) == 1
-    finally:
-        torch.set_num_threads(previous)
-    assert segment_run.native_bf16("cpu") in (True, False)

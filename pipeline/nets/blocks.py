@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UpSample
-from monai.networks.layers.factories import Pool
+from monai.networks.layers.factories import Conv, Pool
 
 
 def instance_norm_as_group_norm(norm, channels: int):
@@ -28,10 +28,40 @@ def instance_norm_as_group_norm(norm, channels: int):
     return ("group", {"num_groups": channels, "affine": args.get("affine", False), "eps": args.get("eps", 1e-5)})
 
 
+class OneDNNConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that always takes oneDNN for float32 inference on a CPU.
+
+    For a batch of one with few input channels (the image itself), PyTorch's heuristic picks its
+    reference kernel: the first 1 -> 16 convolution at 96^3 takes 34 ms there against 8 ms in
+    oneDNN (2 cores). Same parameters and values; training, autocast, other devices and
+    TorchScript use ``nn.Conv3d``'s own path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()
+        ):
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions, each followed by norm, dropout and activation (the paper's node).
 
-    ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    ``(B, in_channels, *S) -> (B, out_channels, *S)``. In 3D the convolutions are
+    :class:`OneDNNConv3d` (same parameters as MONAI's ``Convolution`` builds, faster on a CPU).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout: float):
@@ -42,6 +72,60 @@ class ConvBlock(nn.Sequential):
                 f"conv{index}",
                 Convolution(spatial_dims, channels_in, out_channels, kernel_size=3, act=act, norm=norm, dropout=dropout),
             )
+        for module in self.modules():
+            if type(module) is nn.Conv3d:  # noqa: E721 - exactly PyTorch's class, as MONAI built it
+                module.__class__ = OneDNNConv3d  # keeps the initialised parameters and their keys
+
+
+class PointwiseHead(nn.Module):
+    """A 1x1 convolution computed as one matrix product: ``(B, C, *S) -> (B, K, *S)``.
+
+    The parameters (``conv.weight``, ``conv.bias``) and state-dict keys of MONAI's
+    ``Convolution(..., kernel_size=1, conv_only=True)``; on a CPU oneDNN runs such a convolution
+    with few outputs about 8x slower than the product (16 -> 1 channels at 96^3: 14 ms against
+    1.7 ms on 2 cores).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.conv.weight.reshape(self.conv.weight.shape[0], -1)
+        y = torch.matmul(weight, x.reshape(x.shape[0], x.shape[1], -1))
+        bias = self.conv.bias
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1)
+        return y.reshape([x.shape[0], weight.shape[0]] + list(x.shape[2:]))
+
+
+class MaxPool2x(nn.Module):
+    """2x max pooling: ``(B, C, *S) -> (B, C, *S/2)`` (``S`` even, as the networks pad it).
+
+    Inference takes the maximum of neighbouring pairs one axis at a time, outermost first (the
+    first steps compare contiguous blocks); PyTorch's 3D max pooling also records where each
+    maximum was, which only training uses: 16 channels at 96^3, 8.5 ms against 29.6 ms on 2 cores.
+    Training (and odd sizes) use PyTorch's pooling. The values are identical.
+    """
+
+    def __init__(self, spatial_dims: int):
+        super().__init__()
+        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = list(x.shape[2:])
+        if torch.is_grad_enabled() or any(size % 2 == 1 for size in spatial):
+            return self.pool(x)
+        lead = list(x.shape[:2])
+        halved: List[int] = []
+        for axis in range(len(spatial)):
+            rest = 1
+            for size in spatial[axis + 1 :]:
+                rest *= size
+            pairs = x.reshape(lead + halved + [spatial[axis] // 2, 2, rest])
+            x = torch.maximum(pairs.select(-2, 0), pairs.select(-2, 1))
+            halved.append(spatial[axis] // 2)
+        return x.reshape(lead + halved)
 
 
 class EncoderNode(nn.Module):
@@ -54,7 +138,7 @@ class EncoderNode(nn.Module):
     def __init__(self, spatial_dims: int, source: int, block: ConvBlock, pool: bool):
         super().__init__()
         self.source = source
-        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2) if pool else nn.Identity()
+        self.pool = MaxPool2x(spatial_dims) if pool else nn.Identity()
         self.block = block
 
     def forward(self, states: List[torch.Tensor]) -> torch.Tensor:

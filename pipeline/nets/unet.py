@@ -6,12 +6,12 @@ from typing import List, Sequence, Union
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import Convolution
 
 from pipeline.nets.blocks import (
     ConvBlock,
     EncoderNode,
     NestedNode,
+    PointwiseHead,
     check_spatial_size,
     crop_padding,
     make_upsample,
@@ -66,7 +66,7 @@ class UNet(nn.Module):
             nodes[f"x{i}_{depth - i}"] = NestedNode([i + 1], below, up, ConvBlock(spatial_dims, 2 * width, width, act, norm, dropout))
             below += 1
         self.nodes = nodes
-        self.head = Convolution(spatial_dims, self.features[0], out_channels, kernel_size=1, conv_only=True)
+        self.head = PointwiseHead(spatial_dims, self.features[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_spatial_size(list(x.shape[2:]), self.depth)

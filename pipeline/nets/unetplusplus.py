@@ -6,12 +6,12 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import Convolution
 
 from pipeline.nets.blocks import (
     ConvBlock,
     EncoderNode,
     NestedNode,
+    PointwiseHead,
     check_spatial_size,
     crop_padding,
     make_upsample,
@@ -133,7 +133,7 @@ class UNetPlusPlus(nn.Module):
         self.nodes = nodes
         self.heads = nn.ModuleDict(
             {
-                f"x0_{j}": Convolution(spatial_dims, self.features[0], out_channels, kernel_size=1, conv_only=True)
+                f"x0_{j}": PointwiseHead(spatial_dims, self.features[0], out_channels)
                 for j in head_columns
             }
         )

@@ -144,7 +144,7 @@ def _served_defaults(args, overrides: dict) -> dict:
 
 def _default_precision(args, bundle: LoadedBundle) -> str:
     """``--precision``, else the one recorded in the weights' settings where the device computes it natively, else fp32."""
-    from pipeline.segment.run import native_bf16
+    from pipeline.cpu import native_bf16
     from pipeline.settings import trained_settings
 
     if args.precision is not None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import CheckpointMismatchError
+from pipeline.cpu import apply_thread_count
 from pipeline.fileio import fsync_file, remove_stale_tmp, tmp_path_for
 from pipeline.inferers import AutocastInferer, MirrorTTAInferer
 from pipeline.readers import DataError
@@ -26,70 +27,9 @@ from pipeline.segment.cases import Case
 from pipeline.segment.records import base_row, input_fingerprint, output_paths, plan_case, redact, write_failure, write_record
 from pipeline.segment.writers import Prediction, writers_for
 
-__all__ = ["SegmentOptions", "root_cause", "run_segmentation", "available_cores", "apply_thread_count", "native_bf16"]
+__all__ = ["SegmentOptions", "root_cause", "run_segmentation"]
 
 MAX_WRITES_IN_FLIGHT = 2  # predictions waiting for the writer thread (bounds memory)
-
-
-def available_cores() -> int:
-    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota (containers).
-
-    ``os.cpu_count()`` counts the machine's cores; a container limited to 4 of 64 would then
-    run 64 threads on 4 cores, each waiting for the others.
-    """
-    import math
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    quota = None
-    try:  # cgroup v2: "max 100000" or "400000 100000"
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if text and text[0] != "max":
-            quota = int(text[0]) / int(text[1])
-    except (OSError, ValueError, IndexError):
-        try:  # cgroup v1
-            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            quota = limit / period if limit > 0 and period > 0 else None
-        except (OSError, ValueError):
-            quota = None
-    if quota:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return max(1, cores)
-
-
-def apply_thread_count(processes: int | None = None) -> int:
-    """Set PyTorch's intra-op threads to the cores available to this process, shared by ``processes``.
-
-    ``processes`` defaults to torchrun's ``LOCAL_WORLD_SIZE`` (ranks on this machine). An explicit
-    ``OMP_NUM_THREADS`` in the environment wins. Returns the thread count in use.
-    """
-    import os
-
-    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        return torch.get_num_threads()
-    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    threads = max(1, available_cores() // max(1, processes))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 natively: a GPU that supports it, a CPU with AVX512-BF16 or AMX."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclasses.dataclass
