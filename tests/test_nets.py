@@ -182,13 +182,16 @@ def test_torchscript_export_matches_eager(tmp_path, mode, level):
     torch.testing.assert_close(loaded(x), net(x), atol=1e-5, rtol=1e-5)
 
 
-def test_onnx_export_matches_eager(tmp_path):
+@pytest.mark.parametrize("shape, gradients", [((1, 1, 32, 48), True), ((1, 1, 16, 24, 16), False)])
+def test_onnx_export_matches_eager(tmp_path, shape, gradients):
+    """Also in 3D without gradients, where inference takes the CPU kernels of pipeline.nets.blocks."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    net = UNetPlusPlus(2, 1, 2, features=TINY_WIDTHS, depth=3).eval()
-    x = torch.rand(1, 1, 32, 48)
+    net = UNetPlusPlus(len(shape) - 2, 1, 2, features=TINY_WIDTHS, depth=3).eval()
+    x = torch.rand(*shape)
     path = tmp_path / "net.onnx"
-    torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"])
+    with torch.set_grad_enabled(gradients):
+        torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"])
     onnx.checker.check_model(onnx.load(str(path)))
     (got,) = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), net(x), atol=1e-4, rtol=1e-4)

@@ -33,8 +33,8 @@ class OneDNNConv3d(nn.Conv3d):
 
     For a batch of one with few input channels (the image itself), PyTorch's heuristic picks its
     reference kernel: the first 1 -> 16 convolution at 96^3 takes 34 ms there against 8 ms in
-    oneDNN (2 cores). Same parameters and values; training, autocast, other devices and
-    TorchScript use ``nn.Conv3d``'s own path.
+    oneDNN (2 cores). Same parameters and values; training, autocast, other devices, tracing
+    and TorchScript use ``nn.Conv3d``'s own path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,7 @@ class OneDNNConv3d(nn.Conv3d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()  # an ONNX export must see a standard convolution
             and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available()
         ):
