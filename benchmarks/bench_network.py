@@ -82,7 +82,10 @@ def time_interleaved(functions: dict, repeats: int) -> dict:
 
 
 def flops_of(net, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward pass. With gradients on, the network takes PyTorch's standard
+    convolution and pooling, whose FLOPs the counter knows (inference without gradients calls
+    oneDNN directly, which it does not count)."""
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         net(x)
     return counter.get_total_flops()
 

@@ -380,7 +380,7 @@ def main(argv=None) -> int:
 
 def window_flops(network, roi: list[int]) -> dict[str, int]:
     """FLOPs of one window for every option: fast mode L1..L_depth and accurate mode."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_network import flops_of
 
     depth, flops = network.depth, {}
     mode, level = network.mode, network.prune_level
@@ -388,12 +388,7 @@ def window_flops(network, roi: list[int]) -> dict[str, int]:
     try:
         for option in [f"L{k}" for k in range(1, depth + 1)] + ["accurate"]:
             network.mode, network.prune_level = ("accurate", depth) if option == "accurate" else ("fast", int(option[1:]))
-            counter = FlopCounterMode(display=False)
-            # With gradients on, the network takes PyTorch's standard convolution and pooling, whose
-            # FLOPs the counter knows (inference without gradients calls oneDNN directly).
-            with counter, torch.enable_grad():
-                network(x)
-            flops[option] = int(counter.get_total_flops())
+            flops[option] = int(flops_of(network, x))
     finally:
         network.mode, network.prune_level = mode, level
     return flops
