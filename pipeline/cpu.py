@@ -19,8 +19,12 @@ import torch
 
 __all__ = ["available_cores", "apply_thread_count", "native_bf16", "keep_freed_memory"]
 
-# glibc's mallopt parameters (malloc.h) and their documented defaults.
-_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD = -1, 128 * 1024
+# glibc's mallopt parameters (malloc.h). Setting any of them turns off glibc's own adjustment of
+# the mmap and trim thresholds for good, so leaving the block sets the values that adjustment
+# settles on once blocks of 32 MB or more have been freed (its ceiling, and twice that), with the
+# default count of mmaps.
+_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD = -1, 64 * 1024 * 1024
+_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD = -3, 32 * 1024 * 1024
 _M_MMAP_MAX, _DEFAULT_MMAP_MAX = -4, 65536
 _GLIBC_TUNING_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -100,7 +104,7 @@ _keeping = {"depth": 0, "lock": threading.Lock()}
 
 @contextlib.contextmanager
 def keep_freed_memory() -> Iterator[bool]:
-    """Inside: glibc keeps freed blocks of any size for reuse. On leaving: its defaults, and the kept pages go back.
+    """Inside: glibc keeps freed blocks of any size for reuse. On leaving: its usual thresholds, and the kept pages go back.
 
     Why: glibc serves every block over 32 MB with its own ``mmap`` and unmaps it when freed. One
     16-channel 96^3 activation is 56 MB, so every such tensor of every sliding window would be
@@ -131,5 +135,6 @@ def keep_freed_memory() -> Iterator[bool]:
             _keeping["depth"] -= 1
             if _keeping["depth"] == 0:
                 mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+                mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
                 malloc_trim(0)

@@ -59,6 +59,34 @@ def test_freed_memory_is_reused_inside_the_block_and_handed_back_after_it():
     assert after_mb < 64, after_mb
 
 
+# After one (empty) block, blocks of 1 MB and 16 MB are allocated and freed 30 times each; the
+# page faults of the last 10 of each size are printed. Without the block glibc serves them from
+# its heap; a block that left its thresholds at their start values would mmap every one.
+AFTER_THE_BLOCK = textwrap.dedent(
+    """
+    import resource
+    from pipeline.cpu import keep_freed_memory
+    import torch
+    with keep_freed_memory():
+        pass
+    for elements in (1 << 18, 4 << 20):
+        for index in range(30):
+            if index == 20:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(elements).fill_(1.0)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    """
+)
+
+
+def test_leaving_the_block_restores_glibcs_usual_reuse():
+    result = subprocess.run([sys.executable, "-c", AFTER_THE_BLOCK], capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    faults_1mb, faults_16mb = (float(line) for line in result.stdout.split())
+    # 256 and 4,096 pages: each would fault in afresh if every block were its own mmap.
+    assert faults_1mb < 50 and faults_16mb < 50, (faults_1mb, faults_16mb)
+
+
 def test_an_explicit_glibc_setting_in_the_environment_wins():
     applied, faults, _, _ = faults_per_allocation("keep", MALLOC_MMAP_MAX_="65536")
     assert not applied

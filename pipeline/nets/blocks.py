@@ -33,8 +33,9 @@ class OneDNNConv3d(nn.Conv3d):
 
     For a batch of one with few input channels (the image itself), PyTorch's heuristic picks its
     reference kernel: the first 1 -> 16 convolution at 96^3 takes 34 ms there against 8 ms in
-    oneDNN (2 cores). Same parameters and values; training, autocast, other devices, tracing
-    and TorchScript use ``nn.Conv3d``'s own path.
+    oneDNN (2 cores). Same parameters and values; training, autocast, other devices, tracing,
+    ``torch.compile`` and TorchScript use ``nn.Conv3d``'s own path. (Code that swaps modules by
+    exact type, such as eager-mode quantization, must list this class beside ``nn.Conv3d``.)
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,10 @@ class OneDNNConv3d(nn.Conv3d):
             and not isinstance(self.padding, str)
             and not torch.is_grad_enabled()
             and not torch.jit.is_tracing()  # an ONNX export must see a standard convolution
+            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled  # torch.backends.mkldnn.flags(enabled=False) is obeyed
         ):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         return self._conv_forward(x, self.weight, self.bias)
@@ -106,7 +109,7 @@ class MaxPool2x(nn.Module):
     Inference takes the maximum of neighbouring pairs one axis at a time, outermost first (the
     first steps compare contiguous blocks); PyTorch's 3D max pooling also records where each
     maximum was, which only training uses: 16 channels at 96^3, 8.5 ms against 29.6 ms on 2 cores.
-    Training (and odd sizes) use PyTorch's pooling. The values are identical.
+    Training, tracing (exports) and odd sizes use PyTorch's pooling. The values are identical.
     """
 
     def __init__(self, spatial_dims: int):
@@ -115,8 +118,8 @@ class MaxPool2x(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = list(x.shape[2:])
-        if torch.is_grad_enabled() or any(size % 2 == 1 for size in spatial):
-            return self.pool(x)
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or any(size % 2 == 1 for size in spatial):
+            return self.pool(x)  # an export traces PyTorch's pooling, valid for any size
         lead = list(x.shape[:2])
         halved: List[int] = []
         for axis in range(len(spatial)):
