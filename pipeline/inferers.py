@@ -79,8 +79,9 @@ class AutocastInferer(Inferer):
     ``inputs`` (B, C, *spatial) -> ``inferer``'s outputs, floating tensors as float32 so that
     post-processing, losses and metrics see the dtype they would without autocast.
 
-    On a CPU the call runs inside :func:`pipeline.cpu.keep_freed_memory`, so the sliding
-    windows of one volume reuse each other's memory instead of faulting it in afresh.
+    Inference on a CPU (no gradients) runs inside :func:`pipeline.cpu.keep_freed_memory`, so the
+    sliding windows of one volume reuse each other's memory instead of faulting it in afresh.
+    A training step is left as it was.
     """
 
     def __init__(self, inferer: Inferer, precision: str = "bf16"):
@@ -90,8 +91,8 @@ class AutocastInferer(Inferer):
         self.precision = precision
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
-        on_cpu = inputs.device.type == "cpu"
-        with keep_freed_memory() if on_cpu else contextlib.nullcontext():
+        inference_on_cpu = inputs.device.type == "cpu" and not torch.is_grad_enabled()
+        with keep_freed_memory() if inference_on_cpu else contextlib.nullcontext():
             if self.precision == "fp32":
                 return self.inferer(inputs, network, *args, **kwargs)
             with torch.autocast(device_type=inputs.device.type, dtype=_DTYPES[self.precision]):

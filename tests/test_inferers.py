@@ -50,6 +50,43 @@ def test_bf16_sliding_window_is_close_to_fp32():
     assert torch.allclose(bf16, reference, atol=0.1, rtol=0.1)
 
 
+def test_cpu_inference_keeps_freed_memory_and_a_training_step_does_not():
+    """Inside the inferer glibc's mmap is off during inference only (pipeline.cpu.keep_freed_memory).
+
+    A fresh interpreter (glibc's state depends on what a process did before) runs a "network" that
+    allocates and frees the same 64 MB tensor over and over, like the windows of one volume, and
+    prints the page faults of the last four: first as a training step, then as inference.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from monai.inferers import SimpleInferer
+        from pipeline.inferers import AutocastInferer
+
+        def network(_):
+            for index in range(12):
+                if index == 8:  # the first few grow the heap
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                torch.empty(16 << 20).fill_(1.0)
+            return torch.tensor([(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4])
+
+        inferer = AutocastInferer(SimpleInferer(), "fp32")
+        training = inferer(torch.zeros(1), network).item()
+        with torch.no_grad():
+            inference = inferer(torch.zeros(1), network).item()
+        print(training, inference)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    training, inference = (float(value) for value in result.stdout.split())
+    assert inference < 1000 < training, (inference, training)  # 64 MB is 16,384 pages
+
+
 def test_check_precision_names_what_to_use_instead():
     assert PRECISIONS == ("fp32", "bf16", "fp16")
     check_precision("fp32", "cpu")
