@@ -22,7 +22,9 @@ Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIf
   network time: the bundle's inferer on the same preprocessed volumes, one after the other, in
   the same process (mean of a run before and a run after the batch, to share background load).
   Target: ``batch_over_network`` <= 1.15.
-* ``memory_ct``: one ``--ct-shape`` int16 CT volume (512x512x200 by default) segmented by the
+* ``memory_ct``: a batch of ``--ct-count`` int16 CT volumes (2 by default: ``--ct-shape``,
+  512x512x200 by default, then one 16 slices shorter; a batch reuses freed memory from volume to
+  volume, so the second volume is where heap growth would show) segmented by the
   command in a subprocess, fp32 on CPU; peak proportional set size (PSS, shared pages counted
   once) summed over the process and its reader worker, and the largest single-process peak RSS
   (``VmHWM``), both sampled every 0.25 s. Target (issue 13): both under 2.5 GB. The child's
@@ -228,11 +230,19 @@ def ct_volume(shape, path: Path) -> None:
     nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
 
 
-def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32") -> dict:
-    folder = work / "ct"
-    if not (folder / "ct.nii.gz").is_file():
-        folder.mkdir(exist_ok=True)
-        ct_volume(tuple(size["ct_shape"]), folder / "ct.nii.gz")
+def ct_shapes(size: dict, count: int) -> list[list[int]]:
+    """The CT batch: ``ct_shape``, then volumes 16 slices shorter each (a batch's volumes differ)."""
+    x, y, z = size["ct_shape"]
+    return [[x, y, max(16, z - 16 * k)] for k in range(count)]
+
+
+def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32", count: int = 2) -> dict:
+    folder = work / f"ct_{count}"
+    shapes = ct_shapes(size, count)
+    if not folder.is_dir():
+        folder.mkdir()
+        for k, shape in enumerate(shapes):
+            ct_volume(tuple(shape), folder / f"ct{k}.nii.gz")
     out = work / f"ct_out_{precision}"
     command = [sys.executable, "-m", "pipeline", "segment", "--bundle", str(BUNDLE), "--checkpoint", str(checkpoint),
                *overrides(size), "--input", str(folder), "--output", str(out), "--quiet", "--precision", precision, "--device", "cpu"]
@@ -265,16 +275,16 @@ def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32")
     max_rss = usage.ru_maxrss * 1024  # kB on Linux
     if process.returncode != 0:
         raise SystemExit(f"CT memory run failed ({process.returncode}):\n{log.read_text()[-2000:]}")
-    row = json.loads((out / "summary.json").read_text())["cases"][0]
+    rows = json.loads((out / "summary.json").read_text())["cases"]
     return {
-        "shape": size["ct_shape"],
+        "shapes": shapes,
         "dtype": "int16 on disk, float32 in the pipeline",
         "precision": precision,
         "peak_pss_gb_process_tree": round(peak[0] / 1e9, 3),
         "peak_rss_gb_largest_process": round(hwm[0] / 1e9, 3),
         "ru_maxrss_gb": round(max_rss / 1e9, 3),
         "command_wall_s": round(wall, 1),
-        "timings": row["timings"],
+        "timings": [row["timings"] for row in rows],
         "target_gb": TARGET_GB,
         "meets_target": peak[0] / 1e9 < TARGET_GB and hwm[0] / 1e9 < TARGET_GB,
     }
@@ -293,6 +303,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-levels", action="store_true", help="skip the per-level (L1..L_depth, accurate) batches")
     parser.add_argument("--levels-only", action="store_true", help="only the per-level batches (fp32), no bf16 or memory runs")
     parser.add_argument("--memory-bf16", action="store_true", help="also measure the CT-volume memory run in bf16")
+    parser.add_argument("--ct-count", type=int, default=2, help="CT volumes in the memory batch (the first --ct-shape, each next 16 slices shorter)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -320,9 +331,9 @@ def main(argv=None) -> int:
                   "--device", "cpu", "--workers", str(args.workers)]
 
         if args.memory_only:
-            report["memory_ct"] = memory_ct(size, checkpoint, work)
+            report["memory_ct"] = memory_ct(size, checkpoint, work, count=args.ct_count)
             if args.memory_bf16:
-                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16")
+                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16", count=args.ct_count)
             return finish(report, args)
         bundle = segment.load_bundle(BUNDLE, overrides=override_dict(size), checkpoint=str(checkpoint), device="cpu")
         cases = segment.discover_cases(data)
@@ -372,9 +383,9 @@ def main(argv=None) -> int:
             report["levels"] = levels(size, common, cases, truth, bundle, work)
         del images, bundle
         if not args.skip_memory:
-            report["memory_ct"] = memory_ct(size, checkpoint, work)
+            report["memory_ct"] = memory_ct(size, checkpoint, work, count=args.ct_count)
             if args.memory_bf16:
-                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16")
+                report["memory_ct_bf16"] = memory_ct(size, checkpoint, work, "bf16", count=args.ct_count)
     return finish(report, args)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import threading
@@ -89,6 +90,12 @@ def _glibc_malloc():
     """glibc's ``mallopt`` and ``malloc_trim``, or None (another C library, or the environment tunes malloc)."""
     if any(name in os.environ for name in _GLIBC_TUNING_ENV):
         return None
+    return _glibc_malloc_functions()
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc_malloc_functions():
+    """Looked up once: ``find_library`` runs ``ldconfig`` in a subprocess on every call."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim

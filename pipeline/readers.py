@@ -51,6 +51,7 @@ __all__ = [
     "check_image_size",
     "check_claimed_size",
     "GuardedNibabelReader",
+    "c_order",
     "check_finite",
     "SimpleITKReader",
     "dicom_series_files",
@@ -243,8 +244,8 @@ def check_claimed_size(path: str | os.PathLike, voxels: int, file_bytes: int | N
             )
 
 
-def _check_nifti_size(path: str) -> None:
-    """Header-only size check of a NIfTI file (nibabel reads the header, not the pixels)."""
+def _check_nifti_size(path: str):
+    """Header-only size check of a NIfTI file (nibabel reads the header, not the pixels); returns the image."""
     import nibabel as nib
 
     try:
@@ -257,6 +258,45 @@ def _check_nifti_size(path: str) -> None:
     voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
     compressed = str(path).lower().endswith(".gz")
     check_claimed_size(path, voxels, None if compressed else voxels * itemsize, offset)
+    return image
+
+
+def _gzipped_through_isal(image, path: str):
+    """``image`` (nibabel, loaded from the gzipped ``path``) reading its voxels through ISA-L's igzip.
+
+    Why: igzip decompresses about twice as fast as zlib (a 512x512x200 int16 CT: 0.37 s against
+    0.88 s), the largest part of reading a volume. Same bytes, same CRC check; the stream is
+    closed by :meth:`GuardedNibabelReader.get_data`.
+    """
+    from isal import igzip
+    from nibabel.fileholders import FileHolder
+
+    klass = type(image)
+    stream = igzip.open(path, "rb")
+    try:
+        return klass.from_file_map({klass.files_types[0][0]: FileHolder(filename=path, fileobj=stream)}, mmap=False)
+    except Exception:
+        stream.close()
+        raise
+
+
+def c_order(array: np.ndarray, block: int = 64) -> np.ndarray:
+    """``array`` as a C-contiguous array: a 3D Fortran-ordered one (NIfTI's order) reordered
+    block by block, other arrays by ``np.ascontiguousarray``.
+
+    Why: numpy's reordering of a 3D Fortran array walks one side with huge strides (30 ms for a
+    192x192x96 float32 volume, 0.41 s for a 512x512x200 int16 CT). Copying ``block`` columns of
+    one y plane at a time keeps both sides in cache: 4 ms and 0.16 s.
+    """
+    if array.ndim != 3 or array.flags.c_contiguous or not array.flags.f_contiguous:
+        return np.ascontiguousarray(array)
+    out = np.empty(array.shape, dtype=array.dtype)
+    source = array.T  # (z, y, x), C-contiguous: the same memory
+    for y in range(array.shape[1]):
+        plane = source[:, y, :]
+        for x in range(0, array.shape[0], block):
+            out[x : x + block, y, :] = plane[:, x : x + block].T
+    return out
 
 
 def _check_sitk_size(path: str) -> None:
@@ -292,17 +332,38 @@ def check_finite(path: str | os.PathLike, array: np.ndarray) -> None:
 
 class GuardedNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` with the pipeline's guards: header size checked before reading,
-    NaN/Inf voxels refused (see :func:`check_image_size`, :func:`check_finite`)."""
+    NaN/Inf voxels refused (see :func:`check_image_size`, :func:`check_finite`). Faster than
+    MONAI's on the same files: ``.nii.gz`` decompressed by ISA-L, voxels put in C order block by
+    block (:func:`c_order`; MONAI would reorder them anyway)."""
 
     def read(self, data, **kwargs):
-        for name in ensure_tuple(data):
-            _check_nifti_size(str(name))
-        return super().read(data, **kwargs)
+        from monai.data.utils import correct_nifti_header_if_necessary
+
+        names = ensure_tuple(data)
+        images = []
+        for name in names:
+            image = _check_nifti_size(str(name))
+            if kwargs or self.kwargs or not str(name).lower().endswith(".gz"):
+                image = super().read(name, **kwargs)
+            else:
+                image = correct_nifti_header_if_necessary(_gzipped_through_isal(image, str(name)))
+            images.append(image)
+        self.filenames = names
+        return images if len(names) > 1 else images[0]
 
     def get_data(self, img):
-        array, meta = super().get_data(img)
+        try:
+            array, meta = super().get_data(img)
+        finally:
+            for image in ensure_tuple(img):
+                stream = image.file_map[type(image).files_types[0][0]].fileobj
+                if stream is not None:
+                    stream.close()
         check_finite(ensure_tuple(img)[0].get_filename() or "image", array)
         return array, meta
+
+    def _get_array_data(self, img, filename):
+        return c_order(super()._get_array_data(img, filename))
 
 
 # --------------------------------------------------------------------------------------------

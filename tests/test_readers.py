@@ -15,7 +15,9 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from pipeline.data import DataError
 from pipeline.readers import (
     DicomGeometryWarning,
+    GuardedNibabelReader,
     SimpleITKReader,
+    c_order,
     dicom_series_files,
     read_volume,
     sitk_image_from_array,
@@ -217,3 +219,58 @@ def test_write_dicom_series_refuses_non_integer_values(tmp_path):
     with pytest.raises(ValueError, match="round"):
         write_dicom_series(np.full((2, 2, 2), 0.5), np.eye(4), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("dtype,slope", [(np.float32, None), (np.int16, 2.5), (">i2", None), (np.uint8, None)])
+def test_gzipped_nifti_reads_the_voxels_nibabel_reads_in_c_order_and_closes_its_file(tmp_path, dtype, slope):
+    rng = np.random.default_rng(3)
+    array = (rng.normal(size=(37, 29, 11)) * 40).astype(dtype)
+    image = nib.Nifti1Image(array, AFFINES["oblique"])
+    if slope is not None:
+        image.header.set_slope_inter(slope, -7.0)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(image, str(path))
+    expected = np.asanyarray(nib.load(str(path)).dataobj)  # nibabel's own (zlib) reading, scaled
+    reader = GuardedNibabelReader()
+    loaded = reader.read(str(path))
+    stream = loaded.file_map["image"].fileobj
+    array_read, meta = reader.get_data(loaded)
+    assert type(stream).__module__.startswith("isal") and stream.closed  # ISA-L decompressed it
+    assert array_read.flags.c_contiguous and array_read.dtype == expected.dtype
+    np.testing.assert_array_equal(array_read, expected)
+    np.testing.assert_allclose(meta["affine"], AFFINES["oblique"], atol=1e-5)
+    loaded = LoadVolumed("image")({"image": str(path)})["image"]
+    np.testing.assert_array_equal(loaded.numpy(), expected.astype(np.float32))
+    assert loaded.meta["filename_or_obj"] == str(path)
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_gzip_nifti_is_refused_naming_the_file(tmp_path, damage):
+    path = tmp_path / "damaged.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(40 * 40 * 40, dtype=np.float32).reshape(40, 40, 40), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    if damage == "cut":
+        raw = raw[: len(raw) // 2]
+    else:  # one byte of the deflate stream in the voxels, far from the header: a CRC or stream error
+        raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"damaged\.nii\.gz: "):
+        LoadVolumed("image")({"image": str(path)})
+
+
+@pytest.mark.parametrize("shape", [(130, 7, 9), (1, 1, 1), (64, 64, 3), (5, 200, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8, np.float64])
+def test_c_order_equals_numpy_for_fortran_volumes(shape, dtype):
+    array = np.asfortranarray(np.random.default_rng(0).integers(0, 100, shape).astype(dtype))
+    out = c_order(array, block=16)
+    assert out.flags.c_contiguous and out.dtype == array.dtype
+    np.testing.assert_array_equal(out, array)
+
+
+def test_c_order_leaves_other_layouts_to_numpy():
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert c_order(array) is array  # already C: no copy
+    for other in (np.asfortranarray(array.reshape(4, 6)), np.asfortranarray(array.reshape(1, 2, 3, 4)), array.transpose(1, 0, 2)):
+        out = c_order(other)
+        assert out.flags.c_contiguous
+        np.testing.assert_array_equal(out, other)

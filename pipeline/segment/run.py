@@ -87,7 +87,8 @@ class _PreprocessedCases(torch.utils.data.Dataset):
             data = self.preprocessing({"image": case.image})
             self._check(case, data["image"])
             # for the empty-mask warning, here: the main process drops the voxels after the network
-            data[CONSTANT_KEY] = float(torch.as_tensor(data["image"]).float().std()) == 0.0
+            voxels = torch.as_tensor(data["image"]).as_subclass(torch.Tensor)
+            data[CONSTANT_KEY] = voxels.numel() > 0 and bool(voxels.min() == voxels.max())
         except Exception as err:  # noqa: BLE001 - any failure of one case is reported, not raised
             return {"index": index, "error": _reason("read", err), "read_s": time.perf_counter() - start}
         return {"index": index, "data": data, "error": None, "read_s": time.perf_counter() - start}

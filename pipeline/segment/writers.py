@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.fileio import atomic_write_text
-from pipeline.readers import DataError, is_nifti
+from pipeline.readers import DataError, c_order, is_nifti
 from pipeline.segment.cases import Case
 
 __all__ = [
@@ -135,6 +135,8 @@ def write_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: Path, header=No
     """
     import nibabel as nib
 
+    if mask.ndim == 3 and mask.flags.c_contiguous:
+        mask = c_order(mask.T).T  # NIfTI's (Fortran) order, reordered block by block: written without another copy
     if header is not None:
         header = header.copy()
         header.set_data_dtype(mask.dtype)
@@ -148,7 +150,13 @@ def write_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: Path, header=No
         image.set_sform(affine, code=1)
         image.header.set_xyzt_units("mm")
         image.header.set_data_dtype(mask.dtype)
-    nib.save(image, str(path))
+    if str(path).lower().endswith(".gz"):
+        from isal import igzip
+
+        # nibabel's own gzip writer is zlib's, about 5 times slower than ISA-L at the same ratio
+        Path(path).write_bytes(igzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+    else:
+        nib.save(image, str(path))
     return np.asarray(image.header.get_best_affine(), dtype=float)
 
 
