@@ -22,9 +22,8 @@ Measurements (``--count`` volumes of ``--shape``, synthetic blobs written as NIf
   network time: the bundle's inferer on the same preprocessed volumes, one after the other, in
   the same process (mean of a run before and a run after the batch, to share background load).
   Target: ``batch_over_network`` <= 1.15.
-* ``memory_ct``: a batch of ``--ct-count`` int16 CT volumes (2 by default: ``--ct-shape``,
-  512x512x200 by default, then one 16 slices shorter; a batch reuses freed memory from volume to
-  volume, so the second volume is where heap growth would show) segmented by the
+* ``memory_ct``: a batch of ``--ct-count`` int16 CT volumes (1 by default: ``--ct-shape``,
+  512x512x200 by default; each further one 16 slices shorter) segmented by the
   command in a subprocess, fp32 on CPU; peak proportional set size (PSS, shared pages counted
   once) summed over the process and its reader worker, and the largest single-process peak RSS
   (``VmHWM``), both sampled every 0.25 s. Target (issue 13): both under 2.5 GB. The child's
@@ -236,7 +235,7 @@ def ct_shapes(size: dict, count: int) -> list[list[int]]:
     return [[x, y, max(16, z - 16 * k)] for k in range(count)]
 
 
-def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32", count: int = 2) -> dict:
+def memory_ct(size: dict, checkpoint: Path, work: Path, precision: str = "fp32", count: int = 1) -> dict:
     folder = work / f"ct_{count}"
     shapes = ct_shapes(size, count)
     if not folder.is_dir():
@@ -303,7 +302,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-levels", action="store_true", help="skip the per-level (L1..L_depth, accurate) batches")
     parser.add_argument("--levels-only", action="store_true", help="only the per-level batches (fp32), no bf16 or memory runs")
     parser.add_argument("--memory-bf16", action="store_true", help="also measure the CT-volume memory run in bf16")
-    parser.add_argument("--ct-count", type=int, default=2, help="CT volumes in the memory batch (the first --ct-shape, each next 16 slices shorter)")
+    parser.add_argument("--ct-count", type=int, default=1, help="CT volumes in the memory batch (the first --ct-shape, each next 16 slices shorter)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
