@@ -7,8 +7,8 @@ A bundle must run on its own when copied (model-zoo layout), so ``bundles/unetpp
 keeps complete configs. They are generated, not edited: ``train.json`` and ``inference.json``
 are the 3D ones with the values of ``configs/overlay_2d.json`` set (MONAI ``#`` ids per
 config file: spatial dims, patch and batch sizes, datalist, ``SliceInferer``); ``evaluate.json``,
-``multi_gpu_train.json``, ``multi_gpu_evaluate.json``, ``logging.conf``, ``large_files.yml`` and
-``LICENSE`` are copied. ``metadata.json``,
+``multi_gpu_train.json``, ``multi_gpu_evaluate.json``, ``logging.conf``, ``scripts/``,
+``large_files.yml`` and ``LICENSE`` are copied. ``metadata.json``,
 ``demo.json`` and ``docs/`` are written by hand. ``tests/test_bundle_sync.py`` fails when the
 committed 2D files differ from what this writes.
 """
@@ -30,6 +30,8 @@ COPIED = (
     "configs/multi_gpu_train.json",
     "configs/multi_gpu_evaluate.json",
     "configs/logging.conf",
+    "scripts/__init__.py",
+    "scripts/find_pipeline.py",
     "large_files.yml",
     "LICENSE",
 )

@@ -458,7 +458,7 @@ def export_pruned(bundle: Path, destination: Path, network, level: int, settings
         raise FileExistsError(f"--export {destination}: exists and is not empty")
     if destination.resolve() == Path(bundle).resolve() or Path(bundle).resolve() in destination.resolve().parents:
         raise FileExistsError(f"--export {destination}: inside the bundle it exports; choose a folder outside it")
-    shutil.copytree(bundle, destination, ignore=shutil.ignore_patterns("models", "logs", "eval", "manifest.json"),
+    shutil.copytree(bundle, destination, ignore=shutil.ignore_patterns("models", "logs", "eval", "manifest.json", "__pycache__"),
                     dirs_exist_ok=True)
     for config in sorted((destination / "configs").glob("*.json")):
         content = read_json(config)

@@ -171,6 +171,86 @@ def test_documented_commands_run_from_inside_the_bundle_with_default_arguments(n
     assert "data shape of network is verified with no error" in result.stdout
 
 
+# A machine where unetpp-pipeline is not installed, as the zoo's CI builds it (it installs only
+# metadata.json's requirements): the editable install's import hook and any sys.path entry that
+# holds a `pipeline` package are dropped, then the command runs as `python -m` would run it.
+WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import importlib.util, os, runpy, sys
+    sys.meta_path[:] = [f for f in sys.meta_path if "unetpp_pipeline" not in getattr(f, "__module__", "")]
+    sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "pipeline", "__init__.py"))]
+    assert importlib.util.find_spec("pipeline") is None, "the package is still importable"
+    command, sys.argv = sys.argv[1], sys.argv[1:]
+    if command == "-m":
+        sys.argv = sys.argv[1:]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        exec(compile(command, "<zoo ci>", "exec"))
+    """
+)
+
+
+def without_package(*args, cwd):
+    """``python <args>`` (``-m module ...`` or ``code argv...``) where ``import pipeline`` finds nothing installed."""
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE, *args], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+
+
+def copy_checkout(destination):
+    """The package's source and the bundles as a clone has them, without installing anything."""
+    shutil.copytree(os.path.join(REPO, "pipeline"), destination / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(os.path.join(REPO, "pyproject.toml"), destination / "pyproject.toml")
+    for name in BUNDLES:
+        copy_bundle(name, destination / "bundles" / name)
+    return destination
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_zoo_check_inside_the_bundle_finds_the_checkout_when_the_package_is_not_installed(name):
+    """The reported failure: verify_net_in_out with its defaults, from inside the bundle, without the package installed.
+
+    Without scripts/find_pipeline.py this stops at the first expression using the package
+    ("Failed to evaluate ConfigExpression"), because MONAI imports the configs' modules as optional.
+    """
+    result = without_package(
+        "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.json", cwd=bundle_path(name),
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "data shape of network is verified with no error" in result.stdout
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_zoo_ci_on_a_checkout_without_the_package_installed(name, tmp_path):
+    """ci/verify_bundle.py's steps (models_path=bundles, bundle folder first on sys.path) in a clone, nothing installed."""
+    checkout = copy_checkout(tmp_path / "clone")
+    bundle = os.path.join("bundles", name)
+    os.makedirs(os.path.join(checkout, bundle, "eval"))
+    shutil.copyfile(SCHEMA, os.path.join(checkout, bundle, "eval", "schema.json"))
+    parser = ConfigParser()
+    parser.read_config(bundle_path(name, "configs", "inference.json"))
+    parser.read_meta(bundle_path(name, "configs", "metadata.json"))
+    os.makedirs(os.path.join(checkout, bundle, "models"))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(checkout, bundle, "models", "model.pt"))
+
+    result = without_package(ZOO_CI, bundle, cwd=checkout)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "model zoo checks passed" in result.stdout and "data shape of network is verified with no error" in result.stdout
+
+
+def test_a_bundle_outside_any_checkout_without_the_package_says_what_to_install(tmp_path):
+    bundle = copy_bundle("unetpp_3d_seg", tmp_path / "unetpp_3d_seg")
+    result = without_package(
+        "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.json", cwd=bundle,
+    )
+    assert result.returncode != 0
+    assert f"{os.path.realpath(bundle)}: this bundle's code is the unetpp-pipeline package, which is not installed" in result.stdout
+
+
 @pytest.mark.parametrize("name", BUNDLES)
 def test_metadata_tells_the_truth_about_the_network(name):
     """spatial_shape is the smallest size multiple the default network accepts, num_channels its channels."""

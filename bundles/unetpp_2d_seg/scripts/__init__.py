@@ -1,0 +1,1 @@
+"""The bundle's own code, as model-zoo bundles keep it (the zoo puts the bundle folder on ``sys.path``)."""
