@@ -241,6 +241,26 @@ def test_zoo_ci_on_a_checkout_without_the_package_installed(name, tmp_path):
     assert "model zoo checks passed" in result.stdout and "data shape of network is verified with no error" in result.stdout
 
 
+def test_a_missing_requirement_of_the_package_is_named_before_monai_fails():
+    """Without `ignite` the configs cannot import the package; the output says so, not only MONAI's error."""
+    block_ignite = textwrap.dedent(
+        """
+        import runpy, sys
+        class NoIgnite:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ignite" or name.startswith("ignite."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NoIgnite())
+        sys.argv = ["monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                    "--config_file", "configs/inference.json"]
+        runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+        """
+    )
+    result = without_package(block_ignite, cwd=bundle_path("unetpp_3d_seg"))
+    assert result.returncode != 0
+    assert "the unetpp-pipeline package cannot be imported: No module named 'ignite'" in result.stdout, result.stdout[-3000:]
+
+
 def test_a_bundle_outside_any_checkout_without_the_package_says_what_to_install(tmp_path):
     bundle = copy_bundle("unetpp_3d_seg", tmp_path / "unetpp_3d_seg")
     result = without_package(
