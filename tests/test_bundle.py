@@ -21,6 +21,8 @@ BUNDLES = ["unetpp_3d_seg", "unetpp_2d_seg"]
 SCHEMA = os.path.join(REPO, "bundles", "schema", "meta_schema.json")
 # small enough for a CPU test, same structure as the defaults
 TINY = ["--features", "[4,8,16,32]", "--depth", "3"]
+# the zoo's network check with its default arguments, as run from inside a bundle
+VERIFY_NET = ["verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +166,7 @@ def test_documented_commands_run_from_inside_the_bundle_with_default_arguments(n
     result = monai_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "../schema/meta_schema.json", cwd=bundle)
     assert result.returncode == 0, result.stdout
     assert "metadata is verified with no error" in result.stdout
-    result = monai_bundle(
-        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=bundle
-    )
+    result = monai_bundle(*VERIFY_NET, cwd=bundle)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "data shape of network is verified with no error" in result.stdout
 
@@ -215,10 +215,7 @@ def test_zoo_check_inside_the_bundle_finds_the_checkout_when_the_package_is_not_
     Without scripts/find_pipeline.py this stops at the first expression using the package
     ("Failed to evaluate ConfigExpression"), because MONAI imports the configs' modules as optional.
     """
-    result = without_package(
-        "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-        "--config_file", "configs/inference.json", cwd=bundle_path(name),
-    )
+    result = without_package("-m", "monai.bundle", *VERIFY_NET, cwd=bundle_path(name))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "data shape of network is verified with no error" in result.stdout
 
@@ -251,22 +248,18 @@ def test_a_missing_requirement_of_the_package_is_named_before_monai_fails():
                 if name == "ignite" or name.startswith("ignite."):
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, NoIgnite())
-        sys.argv = ["monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                    "--config_file", "configs/inference.json"]
+        sys.argv = ["monai.bundle", *sys.argv[1:]]
         runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
         """
     )
-    result = without_package(block_ignite, cwd=bundle_path("unetpp_3d_seg"))
+    result = without_package(block_ignite, *VERIFY_NET, cwd=bundle_path("unetpp_3d_seg"))
     assert result.returncode != 0
     assert "the unetpp-pipeline package cannot be imported: No module named 'ignite'" in result.stdout, result.stdout[-3000:]
 
 
 def test_a_bundle_outside_any_checkout_without_the_package_says_what_to_install(tmp_path):
     bundle = copy_bundle("unetpp_3d_seg", tmp_path / "unetpp_3d_seg")
-    result = without_package(
-        "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-        "--config_file", "configs/inference.json", cwd=bundle,
-    )
+    result = without_package("-m", "monai.bundle", *VERIFY_NET, cwd=bundle)
     assert result.returncode != 0
     assert f"{os.path.realpath(bundle)}: this bundle's code is the unetpp-pipeline package, which is not installed" in result.stdout
 
