@@ -246,6 +246,29 @@ def test_pointwise_head_and_onednn_convolution_equal_pytorch_convolutions():
         torch.testing.assert_close(conv(x), torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape, bias", [((1, 6, 5, 4, 3), True), ((2, 6, 5, 4, 3), False), ((2, 6, 7, 5), True)])
+def test_blockwise_transposed_convolution_equals_pytorchs(shape, bias):
+    from pipeline.nets.blocks import BlockwiseConvTranspose2d, BlockwiseConvTranspose3d, make_upsample
+
+    spatial_dims = len(shape) - 2
+    up = make_upsample(spatial_dims, shape[1], 4, "deconv")
+    deconv = up.deconv
+    assert isinstance(deconv, BlockwiseConvTranspose3d if spatial_dims == 3 else BlockwiseConvTranspose2d)
+    assert sorted(up.state_dict()) == ["deconv.bias", "deconv.weight"]  # MONAI's keys: checkpoints still load
+    if not bias:
+        deconv.bias = None
+    x = torch.randn(*shape)
+    convolve = torch.nn.functional.conv_transpose3d if spatial_dims == 3 else torch.nn.functional.conv_transpose2d
+    with torch.no_grad():
+        expected = convolve(x, deconv.weight, deconv.bias, stride=2)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = up(x)
+    assert not {"aten::conv_transpose3d", "aten::conv_transpose2d"} & {event.key for event in prof.key_averages()}
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(up(x), expected, atol=1e-5, rtol=1e-5)  # with gradients: PyTorch's own kernel
+
+
 def test_cpu_inference_avoids_pytorchs_slow_kernels():
     """Without gradients no reference convolution (batch of one, one channel) and no indexed pooling run."""
     net = UNetPlusPlus(3, 1, 1, features=TINY_WIDTHS, depth=2, mode="fast", prune_level=1).eval()
