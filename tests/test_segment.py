@@ -444,6 +444,7 @@ def test_benchmark_quick_run_prints_its_measurements_as_json(tmp_path):
     assert list(levels) == ["L1", "L2", "accurate"]
     assert all(row["network_s_per_volume"] > 0 and 0 < row["flop_share"] for row in levels.values())
     assert levels["L1"]["flop_share"] < levels["L2"]["flop_share"] == 1.0
+    assert report["levels"]["rounds"] == 1 and len(levels["L1"]["case_share_over_flop_share_by_round"]) == 1
 
 
 # --------------------------------------------------------------------------------------------
