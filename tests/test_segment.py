@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -236,6 +237,36 @@ def test_corrupt_case_mid_batch_is_reported_and_the_others_finish(tmp_path, chec
     assert sorted(p.name for p in output.glob("*_seg.nii.gz")) == ["a_first_seg.nii.gz", "z_last_seg.nii.gz"]
     csv_lines = (output / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows)
+
+
+def test_a_cpu_network_writes_in_turn_and_a_gpu_network_in_a_thread_with_the_same_outputs(tmp_path, checkpoint, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.segment import run as segment_run
+
+    data = tmp_path / "in"
+    for seed in (1, 2):
+        write_nifti(data / f"case{seed}.nii.gz", seed=seed)
+    threads = []
+    write = segment_run._CaseWriter.__call__
+
+    def recorded(self, *args):
+        threads.append(threading.current_thread().name)
+        return write(self, *args)
+
+    monkeypatch.setattr(segment_run._CaseWriter, "__call__", recorded)
+    assert run(checkpoint, data, tmp_path / "cpu") == 0
+    assert threads == ["MainThread", "MainThread"]  # the network has every core: no writer beside it
+
+    threads.clear()  # the arrangement beside a GPU network, on this CPU: a background writer thread
+    monkeypatch.setattr(segment_run, "_writer_pool", lambda device: ThreadPoolExecutor(1, thread_name_prefix="segment-writer"))
+    assert run(checkpoint, data, tmp_path / "thread") == 0
+    assert len(threads) == 2 and all(name.startswith("segment-writer") for name in threads)
+    for seed in (1, 2):
+        name = f"case{seed}_seg.nii.gz"
+        assert np.array_equal(nib.load(str(tmp_path / "cpu" / name)).dataobj, nib.load(str(tmp_path / "thread" / name)).dataobj)
+    with segment_run._writer_pool(torch.device("cuda")) as pool:
+        assert type(pool) is ThreadPoolExecutor
 
 
 def test_rerun_skips_verified_cases_and_never_overwrites_foreign_files(tmp_path, checkpoint):

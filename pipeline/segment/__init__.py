@@ -20,7 +20,8 @@ One module per job, in the order a case goes through them:
   ``weights_only=True``.
 * :mod:`~pipeline.segment.run` -- a ``DataLoader`` reads and preprocesses the next cases in
   background processes while the network runs (under :class:`pipeline.inferers.AutocastInferer`);
-  a background thread inverts each prediction onto its input's grid and writes it.
+  each prediction is inverted onto its input's grid and written (beside a GPU network in a
+  background thread; after a CPU network, in turn).
 * :mod:`~pipeline.segment.writers` -- one :class:`OutputWriter` per output format, chosen by name
   from a registry: the NIfTI mask (always), ``dicom-seg``, ``qa-png``.
 * :mod:`~pipeline.segment.records` -- ``records/<case>.json`` lists a finished case's outputs with

@@ -1,4 +1,4 @@
-"""The batch: read and preprocess in background processes, run the network, write in a background thread."""
+"""The batch: read and preprocess in background processes, run the network, write (beside a GPU network, in a background thread)."""
 
 from __future__ import annotations
 
@@ -569,16 +569,47 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
         progress.log(f"{row['case_id']}: FAILED: {row['reason']}")
     stats = {"cases": len(cases), "existing": existing, "planned_failures": len(refused), "todo": len(todo)}
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
+    with _writer_pool(bundle.device) as pool:
         network_s, wait_s = _segment_all(todo, bundle, _inferer(bundle, options), writer, pool, progress, options.workers)
     progress.close()
     stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s, unrecorded=writer.unrecorded)
     return stats
 
 
-def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter, pool: ThreadPoolExecutor,
+class _WriteInTurn:
+    """A ``ThreadPoolExecutor`` look-alike whose ``submit`` runs the write at once, in the calling thread."""
+
+    def __enter__(self) -> "_WriteInTurn":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed over, as a thread's future would
+            future.set_exception(err)
+        return future
+
+
+def _writer_pool(device: torch.device) -> ThreadPoolExecutor | _WriteInTurn:
+    """Where the writes run: a background thread beside a GPU network, in turn with a CPU network.
+
+    Why: a network on the CPU keeps every core busy, and the writer's own PyTorch operations
+    (argmax, the inverted transforms) start a second OpenMP team of as many threads, so a
+    background write slowed the network by more than the write itself takes (measured in
+    docs/segment.md). On a GPU the CPU is free while the network runs.
+    """
+    if torch.device(device).type == "cpu":
+        return _WriteInTurn()
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
+
+
+def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter, pool: ThreadPoolExecutor | _WriteInTurn,
                  progress: _Progress, workers: int) -> tuple[float, float]:
-    """The loop: next preprocessed case from the readers, the network, hand over to the writer thread.
+    """The loop: next preprocessed case from the readers, the network, hand over to the writer.
 
     Returns the seconds spent in the network and waiting for input.
     """
