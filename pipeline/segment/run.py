@@ -589,7 +589,7 @@ class _WriteInTurn:
         future: Future = Future()
         try:
             future.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed over, as a thread's future would
+        except Exception as err:  # noqa: BLE001 - handed over, as a thread's future would
             future.set_exception(err)
         return future
 
