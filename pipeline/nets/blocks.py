@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -79,9 +80,7 @@ def blockwise_transposed_convolution(x: torch.Tensor, weight: torch.Tensor, bias
     """
     batch, channels, *spatial = x.shape
     outputs, kernel = weight.shape[1], list(weight.shape[2:])
-    offsets = 1
-    for size in kernel:
-        offsets *= size
+    offsets = math.prod(kernel)
     rows = weight.reshape(channels, outputs * offsets).t()  # row (o, *offset)
     if bias is None:
         columns = torch.matmul(rows, x.reshape(batch, channels, -1))
