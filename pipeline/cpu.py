@@ -1,7 +1,8 @@
 """Serving on a CPU: the cores this process may use, native bfloat16, and memory reused across sliding windows.
 
 ``segment``, ``prune`` and the bundles' inference call ``apply_thread_count()`` before the first
-volume; ``AutocastInferer`` runs CPU inference inside ``keep_freed_memory()``.
+volume; ``AutocastInferer`` runs CPU inference inside ``keep_freed_memory()``, and ``segment``
+holds one such block over its whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["available_cores", "apply_thread_count", "native_bf16", "keep_freed_memory"]
+__all__ = ["available_cores", "apply_thread_count", "native_bf16", "keep_freed_memory", "hand_back_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h). Setting any of them turns off glibc's own adjustment of
 # the mmap and trim thresholds for good, so leaving the block sets the values that adjustment
@@ -121,6 +122,11 @@ def keep_freed_memory() -> Iterator[bool]:
     so a batch does not hold one volume's working set while it reads and writes the next.
     ``AutocastInferer`` runs every CPU inference inside it (one whole sliding window per volume).
 
+    ``segment`` on a CPU holds one block for its whole batch, so each case also reuses the pages
+    of the one before (the first windows of a case no longer fault them in again); after a large
+    case it hands them back (:func:`hand_back_freed_memory`). A process forked inside a block (a
+    reader) starts outside it, with glibc's usual thresholds.
+
     Nested and threaded use is safe (the outermost block decides). Does nothing where the
     environment already tunes glibc's malloc (``MALLOC_*_``, ``GLIBC_TUNABLES``) or the C library
     is not glibc. Yields whether it is in effect.
@@ -141,7 +147,33 @@ def keep_freed_memory() -> Iterator[bool]:
         with _keeping["lock"]:
             _keeping["depth"] -= 1
             if _keeping["depth"] == 0:
-                mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
-                mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
-                malloc_trim(0)
+                _usual_malloc(mallopt, malloc_trim)
+
+
+def hand_back_freed_memory() -> None:
+    """Inside :func:`keep_freed_memory`: hand the kept pages back now (``malloc_trim``), staying in the block."""
+    functions = _glibc_malloc()
+    if functions is not None:
+        functions[1](0)
+
+
+def _usual_malloc(mallopt, malloc_trim) -> None:
+    """glibc's thresholds as its own adjustment settles them, and the free pages handed back."""
+    mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
+    malloc_trim(0)
+
+
+def _start_forked_child_outside_the_block() -> None:
+    """In a child forked inside :func:`keep_freed_memory` (a reader process): no block, glibc's
+    usual thresholds, and the parent's kept pages dropped from the child's copy."""
+    inside = _keeping["depth"] > 0
+    _keeping["depth"], _keeping["lock"] = 0, threading.Lock()  # a lock held by another thread at the fork stays held
+    functions = _glibc_malloc() if inside else None
+    if functions is not None:
+        _usual_malloc(*functions)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_forked_child_outside_the_block)

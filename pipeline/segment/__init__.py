@@ -18,10 +18,10 @@ One module per job, in the order a case goes through them:
   ``ConfigParser`` (``--override`` uses the ``id#key=value`` syntax of ``monai.bundle run``);
   the number of classes comes from the config or ``metadata.json``; weights are loaded with
   ``weights_only=True``.
-* :mod:`~pipeline.segment.run` -- a ``DataLoader`` reads and preprocesses the next cases in
-  background processes while the network runs (under :class:`pipeline.inferers.AutocastInferer`);
-  each prediction is inverted onto its input's grid and written (beside a GPU network in a
-  background thread; after a CPU network, in turn).
+* :mod:`~pipeline.segment.run` -- a ``DataLoader`` reads and preprocesses each case in a
+  background process, the network runs (under :class:`pipeline.inferers.AutocastInferer`), and
+  each prediction is inverted onto its input's grid and written. With a CPU network the three
+  take turns; with a GPU network, readers read ahead and a thread writes behind.
 * :mod:`~pipeline.segment.writers` -- one :class:`OutputWriter` per output format, chosen by name
   from a registry: the NIfTI mask (always), ``dicom-seg``, ``qa-png``.
 * :mod:`~pipeline.segment.records` -- ``records/<case>.json`` lists a finished case's outputs with

@@ -1,9 +1,15 @@
-"""The batch: read and preprocess in background processes, run the network, write (beside a GPU network, in a background thread)."""
+"""The batch: read and preprocess in a background process, run the network, write.
+
+With the network on the CPU, reading, the network and writing take turns; with the network on a
+GPU, readers read ahead and a thread writes behind it (:func:`run_segmentation`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import CheckpointMismatchError
-from pipeline.cpu import apply_thread_count
+from pipeline.cpu import apply_thread_count, hand_back_freed_memory, keep_freed_memory
 from pipeline.fileio import fsync_file, remove_stale_tmp, tmp_path_for
 from pipeline.inferers import AutocastInferer, MirrorTTAInferer
 from pipeline.readers import DataError
@@ -30,6 +36,11 @@ from pipeline.segment.writers import Prediction, writers_for
 __all__ = ["SegmentOptions", "root_cause", "run_segmentation"]
 
 MAX_WRITES_IN_FLIGHT = 2  # predictions waiting for the writer thread (bounds memory)
+# On a CPU, memory freed by a case is kept for the next one, unless the case's preprocessed image
+# had more voxels than this (256^3): then its volume-sized buffers would stay with the main process
+# while the reader reads the next case (a batch of two 512x512x200 CTs: peak 2.71 GB against 2.20 GB),
+# and faulting in a window's working set again costs a long case only a few per cent.
+KEEP_MEMORY_MAX_VOXELS = 1 << 24
 
 
 @dataclasses.dataclass
@@ -68,20 +79,58 @@ def _reason(stage: str, err: BaseException) -> str:
     return f"{stage}: {type(root).__name__}: {text}"
 
 
-class _PreprocessedCases(torch.utils.data.Dataset):
-    """Loads and preprocesses a case; errors come back as data so one bad case never stops the loader."""
+class ReadTurn:
+    """The main process's word to its reader: which case it may read now.
 
-    def __init__(self, cases: Sequence[Case], preprocessing, spatial_dims: int | None, in_channels: int | None):
+    With the network on the CPU, a reader that reads the next case while the network runs takes a
+    core from it: its reads took up to 3 times longer, and on one machine the network, whose
+    threads wait for each other at every operation, lost more time than the read costs (measured
+    in docs/segment.md). So the reader waits for its turn: the main process hands it out when it
+    has written a case and waits for the next.
+    """
+
+    def __init__(self):
+        context = multiprocessing.get_context()  # DataLoader's own default
+        self._allowed = context.Value("q", -1, lock=False)
+        self._changed = context.Condition()
+
+    def allow(self, index: int) -> None:
+        """Let the reader read case ``index`` (and those before it)."""
+        with self._changed:
+            self._allowed.value = index
+            self._changed.notify_all()
+
+    def wait(self, index: int) -> None:
+        """Block until case ``index`` may be read (in the reader); give up once the main process is gone."""
+        parent = os.getppid()
+        with self._changed:
+            while self._allowed.value < index:
+                self._changed.wait(timeout=1.0)
+                if os.getppid() != parent:
+                    raise RuntimeError("the segment process is gone")
+
+
+class _PreprocessedCases(torch.utils.data.Dataset):
+    """Loads and preprocesses a case; errors come back as data so one bad case never stops the loader.
+
+    ``turn``: read a case only once the main process allows it (:class:`ReadTurn`), else at once.
+    """
+
+    def __init__(self, cases: Sequence[Case], preprocessing, spatial_dims: int | None, in_channels: int | None,
+                 turn: ReadTurn | None = None):
         self.cases = list(cases)
         self.preprocessing = preprocessing
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.turn = turn
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
+        if self.turn is not None:
+            self.turn.wait(index)
         start = time.perf_counter()
         try:
             data = self.preprocessing({"image": case.image})
@@ -485,8 +534,10 @@ def _warnings(constant_image: bool, mask: np.ndarray, class_names: dict[int, str
 
 
 def _loader(dataset: _PreprocessedCases, first: int, workers: int, isolated: bool):
-    """An iterator over ``dataset[first:]``; ``isolated``: one worker holding one case at a time."""
+    """An iterator over ``dataset[first:]``; ``isolated`` (or a dataset read in turn): one worker
+    holding one case at a time."""
     subset = torch.utils.data.Subset(dataset, range(first, len(dataset)))
+    isolated = isolated or dataset.turn is not None
     workers = min(workers, 1) if isolated else workers
     loader = torch.utils.data.DataLoader(
         subset,
@@ -550,11 +601,13 @@ def _trace_only(image):
 
 
 def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: SegmentOptions, settings: dict, run_id: str) -> dict:
-    """Segment this rank's ``cases``: plan (skip finished ones), read in background, infer, write in background.
+    """Segment this rank's ``cases``: plan (skip finished ones), read (in a background process), infer, write.
 
     Reading always runs in a separate process, so a decoder that crashes on one file costs only
-    that case: ``workers`` processes read ahead, and ``workers=0`` means one process reading one
-    case at a time (no read-ahead).
+    that case. With the network on the CPU, one reader reads each case in turn, while the network
+    waits, and the main process writes it (:func:`_takes_turns`). With the network on a GPU,
+    ``workers`` processes read ahead (``workers=0``: one process holding one case at a time) and a
+    thread writes behind.
 
     Returns batch statistics (``wall_s``, ``network_s``, ``input_wait_s``, counts, and
     ``unrecorded``: failures whose record could not be written). Per-case results are in
@@ -569,7 +622,12 @@ def run_segmentation(cases: Sequence[Case], bundle: LoadedBundle, options: Segme
         progress.log(f"{row['case_id']}: FAILED: {row['reason']}")
     stats = {"cases": len(cases), "existing": existing, "planned_failures": len(refused), "todo": len(todo)}
     start = time.perf_counter()
-    with _writer_pool(bundle.device) as pool:
+    # On a CPU, each case reuses the memory the one before freed (pipeline.cpu.keep_freed_memory):
+    # handed back after every case, it had to be faulted in again by the first windows of the next,
+    # which cost 10-27 % of a 192x192x96 case (docs/segment.md). The reader process starts outside
+    # the block. After a large case the memory is handed back (KEEP_MEMORY_MAX_VOXELS).
+    kept = keep_freed_memory() if _takes_turns(bundle.device) else contextlib.nullcontext()
+    with kept, _writer_pool(bundle.device) as pool:
         network_s, wait_s = _segment_all(todo, bundle, _inferer(bundle, options), writer, pool, progress, options.workers)
     progress.close()
     stats.update(wall_s=time.perf_counter() - start, network_s=network_s, input_wait_s=wait_s, unrecorded=writer.unrecorded)
@@ -594,15 +652,22 @@ class _WriteInTurn:
         return future
 
 
-def _writer_pool(device: torch.device) -> ThreadPoolExecutor | _WriteInTurn:
-    """Where the writes run: a background thread beside a GPU network, in turn with a CPU network.
+def _takes_turns(device: torch.device) -> bool:
+    """Whether reading, the network and writing take turns (a network on the CPU) rather than
+    overlap (a network on a GPU).
 
-    Why: a network on the CPU keeps every core busy, and the writer's own PyTorch operations
-    (argmax, the inverted transforms) start a second OpenMP team of as many threads, so a
-    background write slowed the network by more than the write itself takes (measured in
+    Why: a network on the CPU keeps every core busy, and its threads wait for each other at the end
+    of every operation. A writer thread's own PyTorch operations (argmax, the inverted transforms)
+    start a second OpenMP team of as many threads, which slowed the network by more than the write
+    itself takes; a reader process beside it takes a core (:class:`ReadTurn`; both measured in
     docs/segment.md). On a GPU the CPU is free while the network runs.
     """
-    if torch.device(device).type == "cpu":
+    return torch.device(device).type == "cpu"
+
+
+def _writer_pool(device: torch.device) -> ThreadPoolExecutor | _WriteInTurn:
+    """Where the writes run: in turn with a CPU network, a background thread beside a GPU network."""
+    if _takes_turns(device):
         return _WriteInTurn()
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
 
@@ -613,7 +678,8 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
 
     Returns the seconds spent in the network and waiting for input.
     """
-    dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels)
+    turn = ReadTurn() if _takes_turns(bundle.device) else None
+    dataset = _PreprocessedCases(todo, bundle.preprocessing, bundle.spatial_dims, bundle.in_channels, turn)
     pending: deque[Future] = deque()
     network_s = wait_s = 0.0
 
@@ -625,6 +691,8 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
     isolated = workers == 0
     iterator, expected = _loader(dataset, 0, max(workers, 1), isolated), 0
     while True:
+        if turn is not None:
+            turn.allow(expected)
         tick = time.perf_counter()
         try:
             item = next(iterator)
@@ -643,7 +711,7 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
                 progress.case_finished(writer.fail(todo[expected], reason))
                 expected += 1
             else:
-                progress.log("a reader process died; going on with one reader, one case at a time")
+                progress.log("a reader process died; trying its case once more, with one reader holding one case at a time")
                 isolated = True
             iterator = _loader(dataset, expected, 1, True)
             continue
@@ -663,9 +731,12 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
         timings["infer_s"] = time.perf_counter() - tick
         network_s += timings["infer_s"]
         # Free the preprocessed volume (float32, shared with the reader) before the inversion allocates.
+        voxels = item["data"]["image"].numel()
         item["data"]["image"] = _trace_only(item["data"]["image"])
         pending.append(pool.submit(writer, case, item["data"], logits, timings))
         del logits, item
         harvest(MAX_WRITES_IN_FLIGHT)
+        if turn is not None and voxels > KEEP_MEMORY_MAX_VOXELS:  # written: hand back before the next read
+            hand_back_freed_memory()
     harvest(0)
     return network_s, wait_s
