@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"an output to write besides the NIfTI mask (repeatable): {formats}")
     parser.add_argument("--qa-png", dest="formats", action="append_const", const="qa-png", help="short for --format qa-png")
     parser.add_argument("--overwrite", action="store_true", help="redo every case and replace existing outputs")
-    parser.add_argument("--workers", type=int, default=1, help="reader processes reading ahead of a GPU network (0: one reader holding one case at a time); "
-                        "with the network on the CPU, one reader reads each case in turn")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="reader processes reading ahead of a GPU network (0: one reader holding one case at a time); "
+                             "with the network on the CPU, one reader reads each case in turn")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; one log line per case")
     parser.add_argument("--bundle-digest", default=None, metavar="DIGEST",
                         help="refuse the bundle unless its configs and weights have this digest (python -m pipeline bundle pin B)")
