@@ -154,7 +154,8 @@ def hand_back_freed_memory() -> None:
     """Inside :func:`keep_freed_memory`: hand the kept pages back now (``malloc_trim``), staying in the block."""
     functions = _glibc_malloc()
     if functions is not None:
-        functions[1](0)
+        _, malloc_trim = functions
+        malloc_trim(0)
 
 
 def _usual_malloc(mallopt, malloc_trim) -> None:

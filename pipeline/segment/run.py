@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
@@ -731,12 +732,13 @@ def _segment_all(todo: list, bundle: LoadedBundle, inferer, writer: _CaseWriter,
         timings["infer_s"] = time.perf_counter() - tick
         network_s += timings["infer_s"]
         # Free the preprocessed volume (float32, shared with the reader) before the inversion allocates.
-        voxels = item["data"]["image"].numel()
+        voxels = math.prod(item["data"]["image"].shape[1:])  # spatial: channels do not count
         item["data"]["image"] = _trace_only(item["data"]["image"])
         pending.append(pool.submit(writer, case, item["data"], logits, timings))
         del logits, item
         harvest(MAX_WRITES_IN_FLIGHT)
-        if turn is not None and voxels > KEEP_MEMORY_MAX_VOXELS:  # written: hand back before the next read
+        # written (in turn, inside run_segmentation's keep_freed_memory block): hand back before the next read
+        if turn is not None and voxels > KEEP_MEMORY_MAX_VOXELS:
             hand_back_freed_memory()
     harvest(0)
     return network_s, wait_s
